@@ -1,0 +1,175 @@
+"""Contrastive detection (DetCon), BYOL and SimCLR losses on the global batch.
+
+All losses share one signature over mask latents of two views:
+
+  loss(pred_1, pred_2, target_1, target_2, ids_1, ids_2, ...) -> scalar
+
+  pred_v   [B, M, D] online latents of view v (after the predictor for
+           DetCon-B/BYOL; the projections for DetCon-S/SimCLR)
+  target_v [B, M, D] target latents of view v (EMA network, or the online
+           projections themselves for DetCon-S/SimCLR)
+  ids_v    [B, M] int, the segment id each of the M rows was pooled from
+
+Written on the *global* batch: under `jax.jit` on a mesh XLA gathers the
+targets, so negatives come from every device. `local_negatives_loss` gives
+the per-device variant (DetCon Table 5) with `jax.shard_map`.
+
+Contrastive detection, batched (DetCon eq. 1-3). For row (b, m) of view 1 with
+id i = ids_1[b, m], and latents normalised to unit length:
+  positive  : target_2[b, m'] with ids_2[b, m'] = i (counted once, however
+              many times i was drawn in view 2)
+  negatives : every other target latent of BOTH views of every image, except
+              target_1[b, m''] with ids_1[b, m''] = i (the same region of the
+              same image in its own view: neither positive nor negative)
+  l(b, m)   = -log softmax over {positive} ∪ negatives of (v·v'/τ) at positive
+  weight    = 1 / #{m'' : ids_1[b, m''] = i}   (repeated draws count once),
+              0 if i is absent from view 2
+  loss      = Σ weight·l / (B·M) for view 1  +  the same for view 2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+# A finite stand-in for -inf: keeps gradients of masked logits exactly zero
+# without producing NaNs in rows whose every column is masked.
+_MASKED = -1e9
+
+
+def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12):
+  """x / max(||x||, eps) along `axis`."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def _first_occurrence(ids: jnp.ndarray) -> jnp.ndarray:
+  """[B, M] bool: True where ids[b, m] differs from every ids[b, :m]."""
+  m = ids.shape[1]
+  same = ids[:, :, None] == ids[:, None, :]                 # [B, M, M]
+  earlier = jnp.tril(jnp.ones((m, m), bool), k=-1)           # n < m
+  return ~jnp.any(same & earlier, axis=-1)
+
+
+def _one_direction(pred, target_other, target_own, ids, ids_other,
+                   temperature):
+  """Weighted per-row loss of one view; returns [B, M] (weight · l)."""
+  b = pred.shape[0]
+  same_image = jnp.eye(b, dtype=bool)[:, None, :, None]      # [B,1,B,1]
+  logits_other = jnp.einsum("bmd,cnd->bmcn", pred, target_other) / temperature
+  logits_own = jnp.einsum("bmd,cnd->bmcn", pred, target_own) / temperature
+
+  match_other = same_image & (ids[:, :, None, None] == ids_other[None, None])
+  first = _first_occurrence(ids_other)[None, None]           # [1,1,B,M]
+  positive = match_other & first
+  # Repeated draws of the positive id in the other view are not negatives.
+  logits_other = jnp.where(match_other & ~first, _MASKED, logits_other)
+  # The same id in the same image's own view is neither positive nor negative.
+  match_own = same_image & (ids[:, :, None, None] == ids[None, None])
+  logits_own = jnp.where(match_own, _MASKED, logits_own)
+
+  rows = pred.shape[:2]
+  all_logits = jnp.concatenate(
+      [logits_other.reshape(*rows, -1), logits_own.reshape(*rows, -1)], -1)
+  log_norm = jax.nn.logsumexp(all_logits, axis=-1)
+  pos_logit = jnp.sum(jnp.where(positive, logits_other, 0.0), axis=(2, 3))
+  has_pos = jnp.any(positive, axis=(2, 3))
+
+  repeats = jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1)  # >= 1
+  weight = jnp.where(has_pos, 1.0 / repeats, 0.0)
+  return weight * (log_norm - pos_logit)
+
+
+def contrastive_detection_loss(pred_1, pred_2, target_1, target_2, ids_1,
+                               ids_2, temperature: float = 0.1):
+  """DetCon loss (see module docstring). Latents [B, M, D], ids [B, M]."""
+  p1, p2 = l2_normalize(pred_1), l2_normalize(pred_2)
+  t1, t2 = l2_normalize(target_1), l2_normalize(target_2)
+  rows_1 = _one_direction(p1, t2, t1, ids_1, ids_2, temperature)
+  rows_2 = _one_direction(p2, t1, t2, ids_2, ids_1, temperature)
+  return jnp.mean(rows_1) + jnp.mean(rows_2)
+
+
+def simclr_loss(pred_1, pred_2, target_1, target_2, ids_1=None, ids_2=None,
+                temperature: float = 0.1):
+  """Symmetrised NT-Xent on global latents [B, 1, D] (ids are ignored).
+
+  For anchor b of view 1 the positive is target_2[b]; the negatives are
+  target_2[c] and target_1[c] for every c != b. Returns the mean over view-1
+  anchors plus the mean over view-2 anchors (2x the usual averaged NT-Xent),
+  which is what contrastive detection gives with one global mask.
+  """
+  del ids_1, ids_2
+  _check_single_mask(pred_1, "simclr")
+  p1, p2 = l2_normalize(pred_1[:, 0]), l2_normalize(pred_2[:, 0])
+  t1, t2 = l2_normalize(target_1[:, 0]), l2_normalize(target_2[:, 0])
+  eye = jnp.eye(p1.shape[0], dtype=bool)
+
+  def direction(p, t_other, t_own):
+    other = p @ t_other.T / temperature
+    own = jnp.where(eye, _MASKED, p @ t_own.T / temperature)
+    log_norm = jax.nn.logsumexp(jnp.concatenate([other, own], -1), -1)
+    return jnp.mean(log_norm - jnp.diagonal(other))
+
+  return direction(p1, t2, t1) + direction(p2, t1, t2)
+
+
+def byol_loss(pred_1, pred_2, target_1, target_2, ids_1=None, ids_2=None,
+              temperature: float | None = None):
+  """Symmetric BYOL regression loss on latents [B, 1, D] (ids ignored).
+
+  mean_b ||p1/|p1| - t2/|t2|||² + mean_b ||p2/|p2| - t1/|t1|||²
+  = mean(2 - 2 cos(p1, t2)) + mean(2 - 2 cos(p2, t1)).
+  """
+  del ids_1, ids_2, temperature
+  _check_single_mask(pred_1, "byol")
+
+  def direction(p, t):
+    return jnp.mean(jnp.sum(jnp.square(l2_normalize(p) - l2_normalize(t)), -1))
+
+  return direction(pred_1, target_2) + direction(pred_2, target_1)
+
+
+def _check_single_mask(latents, name):
+  if latents.shape[1] != 1:
+    raise ValueError(
+        f"The {name} loss takes one global mask per view (M=1), got M="
+        f"{latents.shape[1]}. Set config.num_masks=1 and "
+        "config.masks.method='grid' with config.masks.grid_size=1, or use "
+        "loss.name='contrastive_detection'.")
+
+
+LOSSES = {
+    "contrastive_detection": contrastive_detection_loss,
+    "simclr": simclr_loss,
+    "byol": byol_loss,
+}
+
+
+def get_loss(name: str):
+  """Looks up a loss by its config name."""
+  if name not in LOSSES:
+    raise ValueError(f"Unknown config.loss.name={name!r}; choose one of "
+                     f"{sorted(LOSSES)}.")
+  return LOSSES[name]
+
+
+def local_negatives_loss(loss_fn, mesh, axis: str = "data"):
+  """Wraps `loss_fn` so negatives come only from each device's own shard.
+
+  Each device evaluates `loss_fn` on its slice of the batch (per-device
+  semantics through `jax.shard_map`); the result is averaged over devices,
+  which equals the global-batch mean when shards have equal size (the
+  DetCon "negatives from this worker only" ablation, Table 5 row a).
+  """
+  spec = P(axis)
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec,) * 6,
+                     out_specs=P(), check_vma=False)
+  def per_device(p1, p2, t1, t2, i1, i2):
+    return jax.lax.pmean(loss_fn(p1, p2, t1, t2, i1, i2), axis)
+
+  return per_device

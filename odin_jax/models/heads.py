@@ -1,0 +1,94 @@
+"""Projection / prediction MLPs and the network that ties them to a backbone.
+
+The same module definition serves the online, target and (for Odin) discovery
+networks: they differ only by their parameter pytrees, which makes EMA
+updates, copies and checkpoints plain `jax.tree.map`s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from odin_jax import objects
+from odin_jax.models import resnet
+
+
+class MLP(nn.Module):
+  """Linear(hidden) -> BatchNorm -> ReLU -> Linear(out), as in BYOL/DetCon.
+
+  [N, D] -> [N, out]. BatchNorm statistics are over all N rows, i.e. over
+  every (image, mask) pair of the global batch when run under `jax.jit`.
+  """
+  hidden: int = 4096
+  out: int = 256
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(self.hidden, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, dtype=self.dtype)(x)
+    x = nn.relu(x)
+    return nn.Dense(self.out, dtype=self.dtype)(x)
+
+
+class ObjectNetwork(nn.Module):
+  """Backbone -> mask-pooled hidden vectors -> projector [-> predictor].
+
+  Inputs:
+    images: float [B, S, S, 3] in [0, 1].
+    cells:  int [B, h, w] segment id of each cell of the feature grid
+            (`objects.downsample_segments`).
+    ids:    int [B, M] the sampled segment ids to pool.
+  Returns dict:
+    'hidden'     [B, M, C] mask-pooled backbone features h_m
+    'projection' [B, M, P] g(h_m)
+    'prediction' [B, M, P] q(g(h_m)) when with_predictor, else == projection.
+  """
+  depth: int = 50
+  width: float = 1.0
+  projector_hidden: int = 4096
+  projector_dim: int = 256
+  predictor_hidden: int = 4096   # 0: this network has no predictor
+  feature_stage: str = "stage4"
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
+                                  zero_init_residual=self.zero_init_residual,
+                                  dtype=self.dtype)
+    self.projector = MLP(self.projector_hidden, self.projector_dim,
+                         dtype=self.dtype)
+    if self.predictor_hidden:
+      self.predictor = MLP(self.predictor_hidden, self.projector_dim,
+                           dtype=self.dtype)
+
+  def __call__(self, images, cells, ids, train: bool = True,
+               with_predictor: bool = True):
+    feature_map = self.backbone(images, train=train)[self.feature_stage]
+    hidden = objects.pool_features(feature_map.astype(jnp.float32), cells, ids)
+    batch, num_masks, channels = hidden.shape
+    z = self.projector(hidden.reshape(batch * num_masks, channels), train)
+    p = z
+    if self.predictor_hidden and with_predictor:
+      p = self.predictor(z, train)
+    # Losses are computed in float32 whatever the compute dtype.
+    z = z.reshape(batch, num_masks, -1).astype(jnp.float32)
+    p = p.reshape(batch, num_masks, -1).astype(jnp.float32)
+    return {"hidden": hidden, "projection": z, "prediction": p}
+
+
+def from_config(config) -> ObjectNetwork:
+  """Builds the network described by `config.model`."""
+  m = config.model
+  return ObjectNetwork(
+      depth=m.depth, width=m.width, projector_hidden=m.projector_hidden,
+      projector_dim=m.projector_dim, predictor_hidden=m.predictor_hidden,
+      feature_stage=m.feature_stage, zero_init_residual=m.zero_init_residual,
+      dtype=jnp.dtype(m.dtype))

@@ -1,0 +1,183 @@
+"""ResNet v1 (torchvision layout) in Flax Linen, returning every stage's features.
+
+Why not the flax example ResNet: it pads with 'SAME', which for stride-2
+convolutions on even inputs pads (0, 1) while PyTorch pads (1, 1). Weights
+exported to torchvision then see shifted inputs, which is known to cost
+several points of accuracy after conversion. Here every padding is explicit
+and identical to torchvision's (stem 7x7/2 padded 3, 3x3 convs padded 1,
+max-pool 3x3/2 padded 1 with -inf), and the stride of a bottleneck sits on
+its 3x3 conv ("ResNet v1.5", as torchvision and the DetCon/BYOL code use).
+
+Shapes: images [B, H, W, 3] in [0, 1] (normalised with the ImageNet mean/std
+inside the model) -> dict of feature maps
+  'stem'   [B, H/4,  W/4,  64w]
+  'stage1' [B, H/4,  W/4,  64w·e]
+  'stage2' [B, H/8,  W/8,  128w·e]
+  'stage3' [B, H/16, W/16, 256w·e]
+  'stage4' [B, H/32, W/32, 512w·e]
+with w the width multiplier and e the block expansion (1 basic, 4 bottleneck);
+sizes round up (torchvision arithmetic), e.g. 80 px -> stage4 3x3.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# depth -> (block kind, blocks per stage)
+STAGE_SIZES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+ModuleDef = Any
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype=jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """A bias-free conv with torchvision's symmetric padding of kernel // 2."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 dtype=dtype, kernel_init=nn.initializers.variance_scaling(
+                     2.0, "fan_out", "normal"), name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). Output channels = features."""
+  features: int
+  stride: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = conv(self.features, 3, self.stride, dtype=self.dtype)(x)
+    y = nn.relu(self.norm()(y))
+    y = conv(self.features, 3, dtype=self.dtype)(y)
+    y = self.norm(name="bn_last")(y)
+    if residual.shape != y.shape:
+      residual = conv(self.features, 1, self.stride, dtype=self.dtype,
+                      name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 bottleneck. Output channels = 4·features."""
+  features: int
+  stride: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(conv(self.features, 1, dtype=self.dtype)(x)))
+    y = conv(self.features, 3, self.stride, dtype=self.dtype)(y)
+    y = nn.relu(self.norm()(y))
+    y = conv(self.features * 4, 1, dtype=self.dtype)(y)
+    y = self.norm(name="bn_last")(y)
+    if residual.shape != y.shape:
+      residual = conv(self.features * 4, 1, self.stride, dtype=self.dtype,
+                      name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+def max_pool_3x3_s2(x):
+  """torchvision's MaxPool2d(3, 2, padding=1): pads with -inf, not zeros."""
+  return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+class ResNet(nn.Module):
+  """ResNet v1 backbone. See the module docstring for shapes.
+
+  Attributes:
+    depth: one of 18, 34, 50, 101, 152, 200.
+    width: channel multiplier (DetCon's ResNet-200 x2 uses 2); fractional
+      widths (e.g. 0.25) make tiny test and demo networks.
+    bn_momentum, bn_epsilon: BatchNorm settings (0.9 / 1e-5 as in the papers).
+    zero_init_residual: zero the last BN scale of each block (Goyal et al.).
+    dtype: computation dtype (parameters stay float32).
+  """
+  depth: int = 50
+  width: float = 1.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = True) -> dict[str, jnp.ndarray]:
+    if self.depth not in STAGE_SIZES:
+      raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}, "
+                       f"got {self.depth}.")
+    kind, stage_sizes = STAGE_SIZES[self.depth]
+    block_cls = BasicBlock if kind == "basic" else BottleneckBlock
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train,
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
+    if self.zero_init_residual:
+      last_norm_init = nn.initializers.zeros
+    else:
+      last_norm_init = nn.initializers.ones
+
+    def block_norm(name=None):
+      init = last_norm_init if name == "bn_last" else nn.initializers.ones
+      return norm(name=name, scale_init=init)
+
+    mean = jnp.asarray(IMAGENET_MEAN, self.dtype)
+    std = jnp.asarray(IMAGENET_STD, self.dtype)
+    x = (images.astype(self.dtype) - mean) / std
+
+    def channels(c: int) -> int:
+      return max(1, int(round(c * self.width)))
+
+    feats = {}
+    x = conv(channels(64), 7, 2, dtype=self.dtype, name="stem_conv")(x)
+    x = nn.relu(norm(name="stem_bn")(x))
+    x = max_pool_3x3_s2(x)
+    feats["stem"] = x
+    for i, num_blocks in enumerate(stage_sizes):
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = block_cls(channels(64 * 2**i), stride, block_norm,
+                      dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}")(x)
+      feats[f"stage{i + 1}"] = x
+    return feats
+
+
+def feature_channels(depth: int, width: float) -> int:
+  """Channels of 'stage4' for a given depth and width (2048 for R50 x1)."""
+  kind, _ = STAGE_SIZES[depth]
+  return max(1, int(round(512 * width))) * (1 if kind == "basic" else 4)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+  return (size + 2 * pad - kernel) // stride + 1
+
+
+def stage_grid(image_size: int, stage: str = "stage4") -> int:
+  """Side of the feature map of `stage` for a square input, torchvision rules."""
+  s = conv_out_size(image_size, 7, 2, 3)     # stem conv
+  s = conv_out_size(s, 3, 2, 1)              # max-pool -> 'stem' and 'stage1'
+  order = ("stem", "stage1", "stage2", "stage3", "stage4")
+  for _ in range(max(0, order.index(stage) - 1)):  # stages 2-4 halve it
+    s = conv_out_size(s, 3, 2, 1)
+  return s
+
+

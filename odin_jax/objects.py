@@ -1,0 +1,107 @@
+"""From image-resolution segment maps to per-object feature vectors (jnp).
+
+Everything here runs inside the jitted train step, per image, with static
+shapes and no cross-device traffic:
+
+  segments [B, H, W] --downsample_segments--> cells [B, h, w]  (majority id)
+  cells --sample_mask_ids--> ids [B, M]  (uniform over ids present, w/ repl.)
+  features [B, h, w, C], cells, ids --pool_features--> [B, M, C]  (DetCon h_m)
+
+No bound on the number or value of segment ids is assumed: ids are compared,
+never one-hot encoded over an id range, so 16-bit or 32-bit ids cost nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _nearest_resize(segments: jnp.ndarray, height: int, width: int):
+  """Nearest-neighbour resize of an id map [B, H, W] (never mixes ids)."""
+  _, h_in, w_in = segments.shape
+  rows = (jnp.arange(height) * h_in) // height
+  cols = (jnp.arange(width) * w_in) // width
+  return segments[:, rows][:, :, cols]
+
+
+def _mode_last_axis(values: jnp.ndarray) -> jnp.ndarray:
+  """Most frequent value along the last axis; ties go to the smallest value.
+
+  [..., N] -> [...]. This is exactly argmax over the average-pooled one-hot
+  masks (argmax returns the first, i.e. smallest, id among equal counts).
+  """
+  s = jnp.sort(values, axis=-1)
+  n = s.shape[-1]
+  pos = jnp.broadcast_to(jnp.arange(n), s.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(s[..., :1], bool), s[..., 1:] != s[..., :-1]], axis=-1)
+  ends = jnp.concatenate(
+      [s[..., 1:] != s[..., :-1], jnp.ones_like(s[..., :1], bool)], axis=-1)
+  run_start = jax.lax.cummax(jnp.where(starts, pos, 0), axis=s.ndim - 1)
+  run_end = jax.lax.cummin(jnp.where(ends, pos, n - 1), axis=s.ndim - 1,
+                           reverse=True)
+  run_len = run_end - run_start + 1
+  best = jnp.argmax(run_len, axis=-1)
+  return jnp.take_along_axis(s, best[..., None], axis=-1)[..., 0]
+
+
+def downsample_segments(segments: jnp.ndarray, grid: tuple[int, int]):
+  """Majority segment id of each feature-grid cell.
+
+  Args:
+    segments: int [B, H, W] segment ids aligned with the view.
+    grid: (h, w) feature-map size, e.g. (7, 7) for ResNet-50 at 224.
+  Returns:
+    int [B, h, w]: per cell the id covering most of its pixels, i.e. the
+    argmax over ids of the average-pooled one-hot masks (DetCon reference).
+    When H is not a multiple of h (80 px -> 3x3), the map is first resized
+    with nearest neighbour to the next multiple so cells are equal blocks.
+  """
+  b, height, width = segments.shape
+  gh, gw = grid
+  bh, bw = -(-height // gh), -(-width // gw)
+  if (bh * gh, bw * gw) != (height, width):
+    segments = _nearest_resize(segments, bh * gh, bw * gw)
+  blocks = segments.reshape(b, gh, bh, gw, bw).transpose(0, 1, 3, 2, 4)
+  return _mode_last_axis(blocks.reshape(b, gh, gw, bh * bw))
+
+
+def sample_mask_ids(key: jax.Array, cells: jnp.ndarray, num_samples: int):
+  """Samples segment ids uniformly among those present, with replacement.
+
+  Args:
+    key: PRNG key.
+    cells: int [B, h, w] (or [B, N]) per-cell ids of one view.
+    num_samples: M, ids drawn per image (16 in DetCon).
+  Returns:
+    int32 [B, M] ids; every returned id occurs in that image's cells.
+  """
+  b = cells.shape[0]
+  s = jnp.sort(cells.reshape(b, -1), axis=-1)
+  is_new = jnp.concatenate(
+      [jnp.ones((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1)
+  num_unique = is_new.sum(-1, keepdims=True)
+  # Push repeats past the end so the first num_unique entries are the ids.
+  big = jnp.iinfo(s.dtype).max
+  unique = jnp.sort(jnp.where(is_new, s, big), axis=-1)
+  pick = jax.random.randint(key, (b, num_samples), 0, num_unique)
+  return jnp.take_along_axis(unique, pick, axis=-1).astype(jnp.int32)
+
+
+def pool_features(features: jnp.ndarray, cells: jnp.ndarray, ids: jnp.ndarray):
+  """Mean of the feature vectors of the cells carrying each id (DetCon h_m).
+
+  Args:
+    features: float [B, h, w, C] hidden map.
+    cells: int [B, h, w] per-cell ids.
+    ids: int [B, M] ids to pool.
+  Returns:
+    float [B, M, C]. An id with no cell pools to zeros (not NaN).
+  """
+  b, gh, gw, c = features.shape
+  member = (cells.reshape(b, 1, gh * gw) == ids[:, :, None]).astype(
+      features.dtype)                                        # [B, M, hw]
+  total = jnp.einsum("bmn,bnc->bmc", member, features.reshape(b, gh * gw, c))
+  count = member.sum(-1, keepdims=True)
+  return total / jnp.maximum(count, 1.0)

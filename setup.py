@@ -1,0 +1,40 @@
+"""odin_jax: object-centric self-supervised pretraining in JAX/Flax."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.7.0,<0.12",
+    "flax>=0.11.0,<0.14",
+    "optax>=0.2.5,<0.4",
+    "orbax-checkpoint>=0.11.20,<0.14",
+    "tensorflow-cpu>=2.19,<2.23",
+    "tensorflow-datasets>=4.9.8,<4.11",
+    "ml-collections>=1.0,<2",
+    "scikit-image>=0.24,<0.28",
+    "clu>=0.0.12,<0.1",
+    # clu's TensorBoard writer needs the tensorboard package next to
+    # tensorflow-cpu 2.21 (it no longer pulls it in).
+    "tensorboard>=2.19,<2.23",
+    "numpy>=1.26",
+    "absl-py>=2.1",
+    "pillow>=10",
+]
+
+EXTRAS = {
+    "tpu": ["jax[tpu]>=0.7.0,<0.12"],
+    "cuda": ["jax[cuda12]>=0.7.0,<0.12"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+}
+
+setuptools.setup(
+    name="odin_jax",
+    version="0.1.0",
+    description=("DetCon, Odin, R2O, BYOL and SimCLR self-supervised "
+                 "pretraining in JAX/Flax, from one CPU to a TPU pod."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["odin_jax", "odin_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)

@@ -1,0 +1,150 @@
+"""Losses against independent loop-based computations written here."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from odin_jax import losses
+
+
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_detcon(p1, p2, t1, t2, ids1, ids2, tau):
+  """Plain-Python DetCon loss, one row at a time, straight from the spec."""
+  p = [_normalize(np.asarray(p1, np.float64)), _normalize(np.asarray(p2, np.float64))]
+  t = [_normalize(np.asarray(t1, np.float64)), _normalize(np.asarray(t2, np.float64))]
+  ids = [np.asarray(ids1), np.asarray(ids2)]
+  b, m = ids[0].shape
+  total = 0.0
+  for v in (0, 1):
+    o = 1 - v
+    view_sum = 0.0
+    for i in range(b):
+      for j in range(m):
+        k = ids[v][i, j]
+        matches = [n for n in range(m) if ids[o][i, n] == k]
+        if not matches:
+          continue  # absent from the other view: weight 0
+        weight = 1.0 / sum(ids[v][i, n] == k for n in range(m))
+        pos = float(p[v][i, j] @ t[o][i, matches[0]]) / tau
+        terms = [pos]
+        for c in range(b):
+          for n in range(m):
+            # the other view: skip every copy of the positive
+            if not (c == i and ids[o][c, n] == k):
+              terms.append(float(p[v][i, j] @ t[o][c, n]) / tau)
+            # own view: skip the same id of the same image
+            if not (c == i and ids[v][c, n] == k):
+              terms.append(float(p[v][i, j] @ t[v][c, n]) / tau)
+        mx = max(terms)
+        log_norm = mx + math.log(sum(math.exp(x - mx) for x in terms))
+        view_sum += weight * (log_norm - pos)
+    total += view_sum / (b * m)
+  return total
+
+
+def _random_case(seed, b=3, m=5, d=8, num_ids=4):
+  rng = np.random.default_rng(seed)
+  lat = [rng.normal(size=(b, m, d)).astype(np.float32) for _ in range(4)]
+  ids1 = rng.integers(0, num_ids, size=(b, m)).astype(np.int32)
+  ids2 = rng.integers(0, num_ids, size=(b, m)).astype(np.int32)
+  return lat, ids1, ids2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detcon_matches_loop_reference(seed):
+  lat, ids1, ids2 = _random_case(seed)
+  # The case must exercise repeats, absent ids and several images.
+  assert any(len(set(r)) < len(r) for r in ids1)
+  assert any(not (set(a) & set(b)) or set(a) - set(b) for a, b in zip(ids1, ids2))
+  got = losses.contrastive_detection_loss(*lat, ids1, ids2, temperature=0.1)
+  want = reference_detcon(*lat, ids1, ids2, 0.1)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_detcon_with_large_ids_and_other_temperature():
+  lat, ids1, ids2 = _random_case(7, b=2, m=6, num_ids=3)
+  ids1, ids2 = ids1 + 70000, ids2 + 70000   # 16/32-bit ids are fine
+  got = losses.contrastive_detection_loss(*lat, ids1, ids2, temperature=0.5)
+  np.testing.assert_allclose(float(got), reference_detcon(*lat, ids1, ids2, 0.5),
+                             rtol=1e-5)
+
+
+def test_detcon_invariant_to_permuting_images():
+  lat, ids1, ids2 = _random_case(3, b=4)
+  perm = np.array([2, 0, 3, 1])
+  a = losses.contrastive_detection_loss(*lat, ids1, ids2)
+  b = losses.contrastive_detection_loss(*[x[perm] for x in lat], ids1[perm],
+                                        ids2[perm])
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_row_with_id_absent_from_other_view_has_no_effect():
+  lat, ids1, ids2 = _random_case(4, b=2, m=3)
+  ids1 = np.array([[0, 1, 2], [0, 1, 2]], np.int32)
+  ids2 = np.array([[0, 1, 1], [0, 1, 2]], np.int32)   # id 2 absent in image 0
+  base = losses.contrastive_detection_loss(*lat, ids1, ids2)
+  # Changing the prediction of the absent row changes nothing.
+  p1 = lat[0].copy()
+  p1[0, 2] = 100.0
+  moved = losses.contrastive_detection_loss(p1, *lat[1:], ids1, ids2)
+  np.testing.assert_allclose(float(base), float(moved), rtol=1e-6)
+
+
+def test_detcon_s_with_one_global_mask_equals_simclr():
+  rng = np.random.default_rng(0)
+  z1, z2 = (rng.normal(size=(6, 1, 16)).astype(np.float32) for _ in range(2))
+  ids = np.zeros((6, 1), np.int32)
+  detcon = losses.contrastive_detection_loss(z1, z2, z1, z2, ids, ids, 0.2)
+  simclr = losses.simclr_loss(z1, z2, z1, z2, temperature=0.2)
+  np.testing.assert_allclose(float(detcon), float(simclr), rtol=1e-6)
+  # ... and SimCLR is the textbook NT-Xent over 2B anchors, times two.
+  z = _normalize(np.concatenate([z1[:, 0], z2[:, 0]]).astype(np.float64))
+  sim = z @ z.T / 0.2
+  n = len(z)
+  nt_xent = 0.0
+  for a in range(n):
+    pos = (a + 6) % n
+    others = [sim[a, c] for c in range(n) if c != a]
+    nt_xent += -sim[a, pos] + np.log(np.sum(np.exp(others)))
+  np.testing.assert_allclose(float(simclr), 2 * nt_xent / n, rtol=1e-5)
+
+
+def test_byol_loss_is_normalised_mse():
+  rng = np.random.default_rng(1)
+  p1, p2, t1, t2 = (rng.normal(size=(5, 1, 8)) for _ in range(4))
+  want = 0.0
+  for p, t in ((p1, t2), (p2, t1)):
+    cos = np.sum(_normalize(p[:, 0]) * _normalize(t[:, 0]), -1)
+    want += np.mean(2 - 2 * cos)
+  np.testing.assert_allclose(float(losses.byol_loss(p1, p2, t1, t2)), want,
+                             rtol=1e-5)
+  # Identical directions give zero; DetCon's positive logit is the same
+  # cosine: -l(b) + log-normaliser = cos/τ = (2 - BYOL term)/(2τ).
+  assert float(losses.byol_loss(p1, p2, 3 * p2, 2 * p1)) == pytest.approx(0, abs=1e-6)
+
+
+def test_single_mask_losses_reject_many_masks():
+  lat, ids1, ids2 = _random_case(0)
+  with pytest.raises(ValueError, match="num_masks=1"):
+    losses.byol_loss(*lat)
+
+
+def test_local_negatives_equals_per_shard_losses():
+  devices = jax.devices()[:4]
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+  lat, ids1, ids2 = _random_case(5, b=8, m=3)
+  fn = losses.local_negatives_loss(
+      lambda *a: losses.contrastive_detection_loss(*a, temperature=0.1), mesh)
+  got = jax.jit(fn)(*lat, ids1, ids2)
+  want = np.mean([reference_detcon(*[x[2 * k:2 * k + 2] for x in lat],
+                                   ids1[2 * k:2 * k + 2], ids2[2 * k:2 * k + 2], 0.1)
+                  for k in range(4)])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # and it differs from the global-negatives loss
+  assert abs(float(got) - float(losses.contrastive_detection_loss(*lat, ids1, ids2))) > 1e-3

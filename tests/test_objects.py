@@ -1,0 +1,65 @@
+"""Mask downsampling, id sampling and pooling vs independent numpy versions."""
+import jax
+import numpy as np
+import pytest
+
+from odin_jax import objects
+
+
+def onehot_avgpool_argmax(seg, grid):
+  """The DetCon reference recipe: one-hot masks, average-pool, argmax."""
+  b, h, w = seg.shape
+  ids = np.unique(seg)
+  onehot = (seg[..., None] == ids).astype(np.float64)        # [B,H,W,K]
+  gh, gw = grid
+  bh, bw = h // gh, w // gw
+  pooled = onehot.reshape(b, gh, bh, gw, bw, len(ids)).mean((2, 4))
+  return ids[np.argmax(pooled, axis=-1)]
+
+
+@pytest.mark.parametrize("seed,size,grid", [(0, 96, 3), (1, 224, 7), (2, 64, 4)])
+def test_downsample_matches_onehot_average_pooling(seed, size, grid):
+  rng = np.random.default_rng(seed)
+  # Blocky random segments with many ties and large ids.
+  coarse = rng.integers(0, 6, size=(3, size // 8, size // 8)) * 1000 + 70000
+  seg = np.kron(coarse, np.ones((8, 8), np.int64)).astype(np.int32)
+  seg[:, ::3, ::5] = 70001   # sprinkle another id to create near-ties
+  got = np.asarray(objects.downsample_segments(seg, (grid, grid)))
+  np.testing.assert_array_equal(got, onehot_avgpool_argmax(seg, (grid, grid)))
+
+
+def test_downsample_non_multiple_sizes_uses_nearest_blocks():
+  seg = np.zeros((1, 80, 80), np.int32)
+  seg[:, :, 40:] = 1               # left half 0, right half 1
+  cells = np.asarray(objects.downsample_segments(seg, (3, 3)))
+  # 80 px is resized (nearest) to 96 px = 3 blocks of 32: the middle block
+  # holds 16 px of id 0 and 16 px of id 1 per row -> tie -> smaller id.
+  np.testing.assert_array_equal(cells[0], np.array([[0, 0, 1]] * 3))
+
+
+def test_sample_ids_are_present_and_uniform():
+  cells = np.array([[[5, 5], [5, 9]], [[3, 3], [3, 3]]], np.int32)
+  ids = np.asarray(objects.sample_mask_ids(jax.random.PRNGKey(0), cells, 4000))
+  assert set(ids[0]) == {5, 9} and set(ids[1]) == {3}
+  # uniform over ids present, not proportional to area (5 covers 3/4)
+  assert abs(np.mean(ids[0] == 9) - 0.5) < 0.04
+
+
+def test_pool_features_is_mean_over_cells_of_id():
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  cells = rng.integers(0, 3, size=(2, 3, 3)).astype(np.int32)
+  ids = np.array([[0, 1, 2, 0], [2, 2, 1, 0]], np.int32)
+  got = np.asarray(objects.pool_features(feats, cells, ids))
+  for b in range(2):
+    for m in range(4):
+      sel = cells[b] == ids[b, m]
+      want = feats[b][sel].mean(0) if sel.any() else np.zeros(4)
+      np.testing.assert_allclose(got[b, m], want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_global_mask_is_global_average_pooling():
+  feats = np.random.default_rng(1).normal(size=(2, 7, 7, 5)).astype(np.float32)
+  cells = np.zeros((2, 7, 7), np.int32)
+  got = objects.pool_features(feats, cells, np.zeros((2, 1), np.int32))
+  np.testing.assert_allclose(np.asarray(got)[:, 0], feats.mean((1, 2)), rtol=1e-5)
