@@ -1,0 +1,150 @@
+"""Segment-id maps: contiguous int32 ids that never wrap, grid layout, dispatch."""
+import types
+
+import ml_collections
+import numpy as np
+import pytest
+import skimage.data
+from skimage import segmentation
+
+from odin_jax.data import masks
+
+
+def _config(**kw):
+  base = dict(method="fh", fh_scale=1000.0, fh_sigma=0.8, fh_min_size=1000,
+              slic_n_segments=50, slic_compactness=10.0, grid_size=5)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def _is_bijection(a, b):
+  """True iff label maps a and b partition pixels identically."""
+  pairs = np.unique(np.stack([a.ravel(), b.ravel()], 1), axis=0)
+  return (len(pairs) == len(np.unique(a)) == len(np.unique(b)))
+
+
+def _assert_contiguous_int32(seg):
+  assert seg.dtype == np.int32
+  np.testing.assert_array_equal(np.unique(seg), np.arange(seg.max() + 1))
+
+
+def test_fh_keeps_more_than_255_patches_distinct():
+  # 32 x 32 patches of 8 x 8 px, each a different colour; neighbours differ
+  # by 255 in blue, so FH must return exactly one segment per patch.
+  r, c = np.divmod(np.arange(32 * 32), 32)
+  colours = np.stack([r * 8, c * 8, ((r + c) % 2) * 255], 1).astype(np.uint8)
+  patch_id = np.kron(np.arange(32 * 32).reshape(32, 32), np.ones((8, 8), int))
+  image = colours[patch_id]                          # [256, 256, 3]
+  seg = masks.felzenszwalb_segments(image, scale=1.0, sigma=0.0, min_size=1)
+  _assert_contiguous_int32(seg)
+  assert seg.max() + 1 == 1024 > 255
+  assert _is_bijection(seg, patch_id)  # no two patches merged, none split
+  # The failure mode this guards against: 8-bit ids merge patches.
+  assert not _is_bijection(seg.astype(np.uint8), patch_id)
+
+
+def test_fh_noise_matches_skimage_partition():
+  image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
+  seg = masks.felzenszwalb_segments(image, scale=5.0, sigma=0.5, min_size=5)
+  ref = segmentation.felzenszwalb(image, scale=5.0, sigma=0.5, min_size=5)
+  _assert_contiguous_int32(seg)
+  assert seg.max() + 1 > 255
+  assert _is_bijection(seg, ref)
+
+
+def test_fh_grayscale_and_float():
+  gray = np.zeros((64, 64), np.uint8)
+  gray[:, 32:] = 200
+  seg = masks.felzenszwalb_segments(gray, scale=10, sigma=0.0, min_size=10)
+  assert seg.shape == (64, 64)
+  assert _is_bijection(seg, gray)
+  seg_f = masks.felzenszwalb_segments(
+      np.repeat(gray[..., None], 3, -1) / 255.0, scale=10, sigma=0.0,
+      min_size=10)
+  assert _is_bijection(seg_f, gray)
+
+
+def test_slic_contiguous():
+  image = skimage.data.chelsea()[::4, ::4]           # [75, 113, 3]
+  seg = masks.slic_segments(image, n_segments=16, compactness=10.0)
+  _assert_contiguous_int32(seg)
+  assert seg.shape == image.shape[:2] and 4 <= seg.max() + 1 <= 64
+  gray = masks.slic_segments(image[..., 0], n_segments=16, compactness=0.1)
+  assert gray.shape == image.shape[:2] and gray.max() + 1 >= 4
+
+
+def test_relabel_sequential_no_wrap():
+  labels = np.array([[1000, 7], [256, 7]], np.int64)
+  np.testing.assert_array_equal(masks.relabel_sequential(labels),
+                                [[2, 0], [1, 0]])
+
+
+def test_grid_segments():
+  np.testing.assert_array_equal(
+      masks.grid_segments(4, 6, 2),
+      [[0, 0, 0, 1, 1, 1],
+       [0, 0, 0, 1, 1, 1],
+       [2, 2, 2, 3, 3, 3],
+       [2, 2, 2, 3, 3, 3]])
+  np.testing.assert_array_equal(
+      masks.grid_segments(5, 3, 3),
+      [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5], [6, 7, 8]])
+  g = masks.grid_segments(224, 224, 5)
+  assert g.dtype == np.int32
+  counts = np.bincount(g.ravel())
+  assert len(counts) == 25 and counts.max() - counts.min() <= 2 * 224 // 5
+  sizes = np.bincount(g[0])             # cell widths along one row
+  assert sizes.max() - sizes.min() <= 1
+  one = masks.grid_segments(17, 9, 1)
+  assert one.dtype == np.int32 and not one.any()
+  with pytest.raises(ValueError, match="grid_size"):
+    masks.grid_segments(4, 4, 0)
+
+
+def test_compute_segments_dispatch():
+  image = np.random.default_rng(2).integers(0, 256, (48, 40, 3), np.uint8)
+  fh = masks.compute_segments(image, _config(fh_scale=50, fh_min_size=20))
+  np.testing.assert_array_equal(
+      fh, masks.felzenszwalb_segments(image, 50, 0.8, 20))
+  np.testing.assert_array_equal(
+      masks.compute_segments(image, _config(method="slic")),
+      masks.slic_segments(image, 50, 10.0))
+  np.testing.assert_array_equal(
+      masks.compute_segments(image, _config(method="grid", grid_size=3)),
+      masks.grid_segments(48, 40, 3))
+  gt = np.zeros((48, 40), np.int32)
+  gt[10:20, 5:15] = 7
+  gt[30:, 30:] = 300
+  seg = masks.compute_segments(image, _config(method="gt"), gt_instances=gt)
+  assert seg.dtype == np.int32
+  np.testing.assert_array_equal(np.unique(seg), [0, 1, 2])
+  assert _is_bijection(seg, gt)
+  # Any attribute object works, not only ConfigDict.
+  plain = types.SimpleNamespace(method="grid", grid_size=2)
+  assert masks.compute_segments(image, plain).max() == 3
+
+
+def test_compute_segments_errors():
+  image = np.zeros((8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"mask_config.method.*'fh'.*'gt'"):
+    masks.compute_segments(image, _config(method="felz"))
+  with pytest.raises(ValueError, match="gt_instances"):
+    masks.compute_segments(image, _config(method="gt"))
+  with pytest.raises(ValueError, match="mask_config.grid_size"):
+    masks.compute_segments(image, types.SimpleNamespace(method="grid"))
+  with pytest.raises(ValueError, match="mask_config.method"):
+    masks.compute_segments(image, types.SimpleNamespace())
+  with pytest.raises(ValueError, match="does not match"):
+    masks.compute_segments(image, _config(method="gt"),
+                           gt_instances=np.zeros((4, 4), int))
+
+
+def test_mask_config_key():
+  assert masks.mask_config_key(_config()) == "fh_s1000_sig0.8_min1000"
+  assert masks.mask_config_key(_config(method="grid")) == "grid5"
+  assert masks.mask_config_key(_config(method="gt")) == "gt"
+  assert masks.mask_config_key(_config(method="slic")) == "slic_n50_c10"
+  assert (masks.mask_config_key(_config(fh_scale=500.0))
+          != masks.mask_config_key(_config()))
+  with pytest.raises(ValueError, match="method"):
+    masks.mask_config_key(_config(method="nope"))
