@@ -1,0 +1,1 @@
+"""Experiment configs: `configs/<method>.py` each define get_config(arg)."""

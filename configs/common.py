@@ -1,0 +1,144 @@
+"""Defaults shared by every method; method files override only what differs.
+
+`get_config(arg)` in a method file calls `base_config(method)` and then
+`apply_preset(config, arg)`. Presets (the part after ':' in --config):
+  imagenet (default) the papers' ImageNet settings: ResNet-50, 224 px,
+                     batch 4096, 1000 epochs, FH scale 1000, 16 masks.
+  coco               COCO pretraining: FH scales 500/1000/1500 (one here:
+                     1000, min size = scale).
+  demo               the embedded demo scenes, a small ResNet-18, 96 px;
+                     minutes on 2 CPU cores.
+  test               tiny everything, for the test suite (seconds).
+Every field can be overridden on the command line: --config.batch_size=64.
+"""
+
+import ml_collections
+
+PRESETS = ("imagenet", "coco", "demo", "test")
+
+
+def base_config(method: str) -> ml_collections.ConfigDict:
+  """The paper (ImageNet) settings common to all methods."""
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+
+  # Schedule. total_steps > 0 overrides num_epochs.
+  c.batch_size = 4096            # global, over all devices and hosts
+  c.num_epochs = 1000
+  c.total_steps = 0
+  c.warmup_epochs = 10
+  c.grad_accum_steps = 1         # >1 splits the batch into micro-batches
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  c.max_to_keep = 3
+  # None: block on every step's metrics only on CPU (XLA:CPU collectives
+  # deadlock otherwise); True/False forces it.
+  c.block_every_step = ml_collections.FieldReference(None, field_type=bool)
+
+  c.image_size = 224
+  c.num_masks = 16               # mask ids sampled per view
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "imagenet2012"  # 'demo', 'folder' or a TFDS name
+  c.dataset.split = "train"
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.folder = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.cache_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.demo_num_scenes = 256
+  c.dataset.demo_image_size = 128
+
+  c.masks = ml_collections.ConfigDict()
+  c.masks.method = "fh"          # 'fh' | 'slic' | 'grid' | 'gt'
+  c.masks.fh_scale = 1000.0
+  c.masks.fh_sigma = 0.8
+  c.masks.fh_min_size = 1000
+  c.masks.slic_n_segments = 64
+  c.masks.slic_compactness = 10.0
+  c.masks.grid_size = 5
+
+  a = c.augment = ml_collections.ConfigDict()
+  a.crop_area_min, a.crop_area_max = 0.08, 1.0
+  a.aspect_min, a.aspect_max = 3 / 4, 4 / 3
+  a.flip_prob = 0.5
+  a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.2, 0.1
+  a.color_jitter_prob = 0.8
+  a.grayscale_prob = 0.2
+  a.blur_prob = (1.0, 0.1)       # view 1, view 2
+  a.blur_sigma_min, a.blur_sigma_max = 0.1, 2.0
+  a.solarize_prob = (0.0, 0.2)
+
+  m = c.model = ml_collections.ConfigDict()
+  m.depth = 50
+  m.width = 1.0
+  m.projector_hidden = 4096
+  m.projector_dim = 256
+  m.predictor_hidden = 4096      # 0: no predictor (DetCon-S, SimCLR)
+  m.feature_stage = "stage4"
+  m.zero_init_residual = False
+  m.dtype = "float32"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "contrastive_detection"   # | 'byol' | 'simclr'
+  c.loss.temperature = 0.1
+  c.loss.local_negatives = False  # DetCon Table 5: negatives from own device
+
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.base_learning_rate = 0.2     # × batch_size / 256
+  o.weight_decay = 1.5e-6
+  o.momentum = 0.9
+  o.trust_coefficient = 1e-3
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.enabled = True           # target network ξ = EMA of θ
+  c.ema.base_decay = 0.996       # cosine-increased to 1
+  return c
+
+
+def global_masks(c: ml_collections.ConfigDict) -> None:
+  """BYOL/SimCLR: one global mask per view (a 1x1 grid), one latent."""
+  c.masks.method = "grid"
+  c.masks.grid_size = 1
+  c.num_masks = 1
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """Applies a named preset (see module docstring) in place."""
+  preset = arg or "imagenet"
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r} for {c.method}; choose one "
+                     f"of {PRESETS} (e.g. --config=configs/{c.method}.py:demo).")
+  if preset == "coco":
+    c.dataset.name = "coco/2017"
+    c.masks.fh_scale, c.masks.fh_min_size = 1000.0, 1000
+  elif preset in ("demo", "test"):
+    c.dataset.name = "demo"
+    if c.masks.method == "fh":   # small images need small FH regions
+      c.masks.fh_scale, c.masks.fh_min_size = 200.0, 100
+    c.model.depth = 18
+    c.model.projector_hidden = 512
+    c.model.projector_dim = 128
+    c.warmup_epochs = 1
+    c.log_every_steps = 10
+    c.ema.base_decay = 0.99
+    if preset == "demo":
+      c.image_size = 96
+      c.model.width = 0.5
+      c.batch_size = 32
+      c.total_steps = 300
+      c.checkpoint_every_steps = 100
+      c.dataset.demo_num_scenes = 256
+    else:
+      c.image_size = 80
+      c.model.width = 0.125
+      c.batch_size = 8
+      c.total_steps = 4
+      c.log_every_steps = 2
+      c.checkpoint_every_steps = 2
+      c.dataset.demo_num_scenes = 16
+      c.dataset.demo_image_size = 96
+      c.model.projector_hidden = 32
+      c.model.projector_dim = 16
+    if c.model.predictor_hidden:
+      c.model.predictor_hidden = c.model.projector_hidden
+  return c

@@ -1,0 +1,217 @@
+"""The train state and the one train step shared by every method.
+
+DetCon-B, DetCon-S, BYOL and SimCLR differ only in config: whether there is a
+predictor (`model.predictor_hidden`), an EMA target network (`ema.enabled`),
+how many mask ids are sampled (`num_masks`, 1 for the global-mask baselines)
+and which loss is applied (`loss.name`). The step is written on the global
+batch; `jax.jit` over a mesh with the batch on axis 'data' inserts the
+collectives (global negatives, global BatchNorm statistics, gradient
+all-reduce).
+
+Batch (global, sharded over 'data'):
+  view1, view2 float32 [B, S, S, 3] in [0, 1]
+  mask1, mask2 int32   [B, S, S] segment ids (same id = same source segment)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from odin_jax import losses, objects
+from odin_jax.models import resnet
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; one pytree, one checkpoint."""
+  step: jax.Array            # int32 []
+  params: Any                # online θ: backbone, projector, predictor
+  target_params: Any         # ξ = EMA of θ ({} without a target network)
+  batch_stats: Any           # online BatchNorm statistics
+  opt_state: Any             # LARS momentum
+  rng: jax.Array             # base PRNG key; step k uses fold_in(rng, k)
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps) from epochs, or from total_steps if > 0."""
+  steps_per_epoch = max(1, num_examples // config.batch_size)
+  total = config.total_steps or config.num_epochs * steps_per_epoch
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)
+  return int(total), int(warmup)
+
+
+def learning_rate_schedule(config, total_steps: int, warmup_steps: int):
+  """Linear warm-up to base_lr × batch/256, then cosine decay to 0."""
+  peak = config.optimizer.base_learning_rate * config.batch_size / 256
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+
+
+def ema_decay_schedule(config, total_steps: int) -> Callable:
+  """BYOL's τ_k = 1 - (1 - τ_base)(cos(πk/K) + 1)/2, from τ_base up to 1."""
+  base = config.ema.base_decay
+
+  def decay(step):
+    progress = jnp.minimum(step / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+  return decay
+
+
+def _exclude_bias_and_norm(params):
+  """True for weights that get weight decay and trust ratio (ndim > 1)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, lr_schedule) -> optax.GradientTransformation:
+  """LARS; biases and BatchNorm parameters skip weight decay and trust ratio."""
+  o = config.optimizer
+  return optax.lars(
+      learning_rate=lr_schedule, weight_decay=o.weight_decay,
+      weight_decay_mask=_exclude_bias_and_norm,
+      trust_coefficient=o.trust_coefficient,
+      trust_ratio_mask=_exclude_bias_and_norm, momentum=o.momentum)
+
+
+def feature_grid(config) -> tuple[int, int]:
+  """Side of the hidden map h for config.image_size (7x7 for R50 at 224)."""
+  side = resnet.stage_grid(config.image_size, config.model.feature_stage)
+  return side, side
+
+
+def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
+  """Initialises θ (and ξ = θ when the config has a target network)."""
+  size, grid = config.image_size, feature_grid(config)
+  images = jnp.zeros((2, size, size, 3), jnp.float32)
+  cells = jnp.zeros((2, *grid), jnp.int32)
+  ids = jnp.zeros((2, max(config.num_masks, 1)), jnp.int32)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, images, cells, ids, train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      target_params=(jax.tree.map(jnp.copy, params)
+                     if config.ema.enabled else {}),
+      batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+      rng=state_rng)
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+  """[B, ...] -> [k, B/k, ...], strided so each micro-batch spans devices."""
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(config, model, tx, lr_schedule, ema_schedule,
+                    mesh=None) -> Callable[[TrainState, Batch],
+                                           tuple[TrainState, dict]]:
+  """Returns the (un-jitted) train step `(state, batch) -> (state, metrics)`."""
+  grid = feature_grid(config)
+  num_masks = config.num_masks
+  use_target = bool(config.ema.enabled)
+  loss_fn = functools.partial(losses.get_loss(config.loss.name),
+                              temperature=config.loss.temperature)
+  if config.loss.local_negatives:
+    if mesh is None:
+      raise ValueError("loss.local_negatives=True needs the device mesh.")
+    loss_fn = losses.local_negatives_loss(loss_fn, mesh)
+  replicated = NamedSharding(mesh, P()) if mesh is not None else None
+
+  def gather(x):
+    # Targets are needed whole by every device (they are the negatives);
+    # predictions stay sharded, so the logits are sharded by row.
+    if replicated is None or config.loss.local_negatives:
+      return x
+    return jax.lax.with_sharding_constraint(x, replicated)
+
+  def forward_loss(params, batch_stats, target_params, batch, key):
+    key1, key2 = jax.random.split(key)
+    cells1 = objects.downsample_segments(batch["mask1"], grid)
+    cells2 = objects.downsample_segments(batch["mask2"], grid)
+    ids1 = objects.sample_mask_ids(key1, cells1, num_masks)
+    ids2 = objects.sample_mask_ids(key2, cells2, num_masks)
+
+    def online(stats, view, cells, ids):
+      return model.apply({"params": params, "batch_stats": stats}, view,
+                         cells, ids, train=True, mutable=["batch_stats"])
+
+    out1, upd = online(batch_stats, batch["view1"], cells1, ids1)
+    out2, upd = online(upd["batch_stats"], batch["view2"], cells2, ids2)
+    if use_target:
+      def target(view, cells, ids):
+        out, _ = model.apply({"params": target_params,
+                              "batch_stats": batch_stats}, view, cells, ids,
+                             train=True, with_predictor=False,
+                             mutable=["batch_stats"])
+        return jax.lax.stop_gradient(out["projection"])
+      t1 = target(batch["view1"], cells1, ids1)
+      t2 = target(batch["view2"], cells2, ids2)
+    else:   # DetCon-S / SimCLR: the online projections are the targets
+      t1, t2 = out1["projection"], out2["projection"]
+    loss = loss_fn(out1["prediction"], out2["prediction"], gather(t1),
+                   gather(t2), ids1, ids2)
+    segments = 0.5 * (_num_unique(cells1) + _num_unique(cells2))
+    return loss, (upd["batch_stats"], segments)
+
+  grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    k = config.grad_accum_steps
+    if k == 1:
+      (loss, (stats, segs)), grads = grad_fn(
+          state.params, state.batch_stats, state.target_params, batch, key)
+    else:
+      def accumulate(carry, inputs):
+        stats, grad_sum, loss_sum, seg_sum = carry
+        micro, i = inputs
+        (l, (stats, s)), g = grad_fn(state.params, stats, state.target_params,
+                                     micro, jax.random.fold_in(key, i))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, g)
+        return (stats, grad_sum, loss_sum + l, seg_sum + s), None
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (stats, grads, loss, segs), _ = jax.lax.scan(
+          accumulate, (state.batch_stats, zeros, 0.0, 0.0),
+          (_micro_batches(batch, k), jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss, segs = loss / k, segs / k
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_schedule(state.step)
+    target_params = state.target_params
+    if use_target:   # ξ ← τ ξ + (1 - τ) θ, with the freshly updated θ
+      target_params = jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o,
+                                   target_params, params)
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/learning_rate": lr_schedule(state.step),
+        "train/segments_per_view": segs,
+    }
+    if use_target:
+      metrics["train/ema_decay"] = decay
+    new_state = state.replace(step=state.step + 1, params=params,
+                              target_params=target_params, batch_stats=stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def _num_unique(cells: jax.Array) -> jax.Array:
+  """Mean number of distinct ids per image on the feature grid. [B,h,w] -> []"""
+  s = jnp.sort(cells.reshape(cells.shape[0], -1), axis=-1)
+  return jnp.mean(1.0 + jnp.sum(s[:, 1:] != s[:, :-1], axis=-1))
