@@ -1,0 +1,249 @@
+"""Random-access example sources for the training pipeline.
+
+A Source maps an example id (int64 scalar tensor, 0 <= id < num_examples) to
+one example, in TF graph mode (it is called inside Dataset.map):
+
+  source.num_examples: int
+  source.lookup(example_id) -> {'image': uint8 [H, W, 3],
+                                'segments': int32 [H, W]}   # ids >= 0
+
+H and W may differ between examples. Sources:
+  ArraySource   in-memory arrays (tf constants), lookup = tf.gather;
+  DemoSource    the embedded demo scenes (demo.load_demo + demo_segments);
+  FolderSource  every image file under a folder, segments computed on the fly;
+  TfdsSource    a prepared TFDS dataset in ArrayRecord format (random access),
+                segments computed on the fly.
+`make_source(config)` picks one from config.dataset.name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Protocol
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from odin_jax.data import demo
+from odin_jax.data import masks
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_BUILTIN = ("demo", "folder")
+
+
+class Source(Protocol):
+  num_examples: int
+
+  def lookup(self, example_id: tf.Tensor) -> dict:
+    ...
+
+
+def _segments_fn(mask_config):
+  """numpy uint8 [H, W, 3] -> int32 [H, W] segments (for tf.numpy_function)."""
+  if mask_config.method == "gt":
+    raise ValueError("masks.method='gt' needs ground-truth instance maps, which "
+                     "only the 'demo' dataset provides; use 'fh', 'slic' or "
+                     "'grid' for this dataset.")
+
+  def fn(image):
+    return masks.compute_segments(image, mask_config).astype(np.int32)
+  return fn
+
+
+def _segments_on_the_fly(image, segments_fn):
+  """uint8 [H, W, 3] tensor -> int32 [H, W] via tf.numpy_function."""
+  seg = tf.numpy_function(segments_fn, [image], tf.int32,
+                          stateful=False)
+  seg.set_shape([None, None])
+  return seg
+
+
+class ArraySource:
+  """In-memory images uint8 [N, S, S, 3] and segments int32 [N, S, S]."""
+
+  def __init__(self, images: np.ndarray, segments: np.ndarray):
+    images, segments = np.asarray(images), np.asarray(segments)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8 [N, H, W, 3], got "
+                       f"{images.dtype} {images.shape}.")
+    if segments.shape != images.shape[:3]:
+      raise ValueError(f"segments {segments.shape} must be [N, H, W] = "
+                       f"{images.shape[:3]}.")
+    if len(images) == 0:
+      raise ValueError("ArraySource needs at least one example.")
+    if segments.min() < 0:
+      raise ValueError("Segment ids must be >= 0.")
+    self.num_examples = int(len(images))
+    with tf.device("/cpu:0"):
+      self._images = tf.constant(images)
+      self._segments = tf.constant(segments.astype(np.int32))
+
+  def lookup(self, example_id):
+    return {"image": tf.gather(self._images, example_id),
+            "segments": tf.gather(self._segments, example_id)}
+
+
+class DemoSource(ArraySource):
+  """The embedded demo scenes + photos with config.masks segments."""
+
+  def __init__(self, config):
+    d = config.dataset
+    self.data = demo.load_demo(num_scenes=d.demo_num_scenes,
+                               image_size=d.demo_image_size,
+                               seed=d.get("demo_seed", 0), cache_dir=d.cache_dir)
+    segments = demo.demo_segments(self.data, config.masks,
+                                  cache_dir=d.cache_dir)
+    super().__init__(self.data.images, segments)
+
+
+def list_images(folder: str) -> list[str]:
+  """Sorted paths of all image files under folder (recursive, any case)."""
+  if not folder or not os.path.isdir(folder):
+    raise FileNotFoundError(f"Image folder {folder!r} does not exist (set "
+                            "--config.dataset.folder=/path/to/images).")
+  paths = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs.sort()
+    paths.extend(os.path.join(root, f) for f in files
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(paths)
+
+
+def _is_valid_image(path: str) -> str | None:
+  """None if PIL can identify and verify the file, else the reason."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      im.verify()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"
+
+
+class FolderSource:
+  """All images under a folder, in sorted path order; segments on the fly.
+
+  A validation pass at construction (PIL open + verify, threaded) drops and
+  reports files that cannot be read. Grayscale / RGBA / palette files are
+  decoded to 3 channels; animated GIFs give their first frame.
+  """
+
+  def __init__(self, folder: str, mask_config, validate: bool = True,
+               num_threads: int = 16):
+    paths = list_images(folder)
+    if not paths:
+      raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)})"
+                              f" found under {folder!r}.")
+    self.bad_files: list[tuple[str, str]] = []
+    if validate:
+      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        reasons = list(pool.map(_is_valid_image, paths))
+      self.bad_files = [(p, r) for p, r in zip(paths, reasons) if r]
+      paths = [p for p, r in zip(paths, reasons) if not r]
+      if self.bad_files:
+        logging.warning("Skipping %d unreadable image file(s) under %s:\n%s",
+                        len(self.bad_files), folder, "\n".join(
+                            f"  {p} ({r})" for p, r in self.bad_files[:50]))
+      if not paths:
+        raise ValueError(f"None of the image files under {folder!r} could be "
+                         f"read ({len(self.bad_files)} bad).")
+    self.paths = paths
+    self.num_examples = len(paths)
+    self._segments = _segments_fn(mask_config)
+    with tf.device("/cpu:0"):
+      self._paths = tf.constant(paths)
+    logging.info("FolderSource: %d images under %s.", len(paths), folder)
+
+  def lookup(self, example_id):
+    data = tf.io.read_file(tf.gather(self._paths, example_id))
+    image = tf.io.decode_image(data, channels=3, expand_animations=False,
+                               dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return {"image": image,
+            "segments": _segments_on_the_fly(image, self._segments)}
+
+
+def _prepare_instructions(name: str, data_dir) -> str:
+  where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
+  lines = [
+      f"TFDS dataset {name!r} is not available in random-access (ArrayRecord) "
+      f"format in {where}. Prepare it first:"]
+  if name.startswith("imagenet2012"):
+    lines.append(
+        "  1. Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+        "(image-net.org, needs an account) into a manual dir, e.g. "
+        "~/tensorflow_datasets/downloads/manual.\n"
+        "  2. tfds build imagenet2012 --manual_dir=<manual_dir> "
+        "--data_dir=<data_dir> --file_format=array_record\n"
+        "  3. Train with --config.dataset.data_dir=<data_dir>.")
+  else:
+    lines.append(
+        f"  tfds build {name} --data_dir=<data_dir> --file_format=array_record"
+        "\n  then train with --config.dataset.data_dir=<data_dir>.")
+  lines.append("To try the system without any download, use the embedded demo "
+               "dataset: --config=configs/detcon_b.py:demo (dataset.name='demo').")
+  return "\n".join(lines)
+
+
+class TfdsSource:
+  """A prepared TFDS split read by random access (tfds data source)."""
+
+  def __init__(self, name: str, split: str, data_dir, mask_config,
+               image_key: str = "image"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(
+          f"Unknown dataset name {name!r}: choose one of {_BUILTIN} or a TFDS "
+          "dataset name such as 'imagenet2012' or 'coco/2017' (see "
+          "tfds.list_builders()).") from e
+    if not builder.is_prepared():
+      raise RuntimeError(_prepare_instructions(name, data_dir))
+    try:
+      self._source = builder.as_data_source(split=split)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(f"{type(e).__name__}: {e}\n" +
+                         _prepare_instructions(name, data_dir)) from e
+    self.num_examples = len(self._source)
+    if self.num_examples == 0:
+      raise RuntimeError(f"TFDS {name}[{split}] is empty.")
+    self._image_key = image_key
+    self._segments = _segments_fn(mask_config)
+    logging.info("TfdsSource: %s[%s], %d examples.", name, split,
+                 self.num_examples)
+
+  def _load(self, example_id):
+    image = np.asarray(self._source[int(example_id)][self._image_key])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    image = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    return image, self._segments(image)
+
+  def lookup(self, example_id):
+    image, seg = tf.numpy_function(self._load, [example_id],
+                                   [tf.uint8, tf.int32], stateful=False)
+    image.set_shape([None, None, 3])
+    seg.set_shape([None, None])
+    return {"image": image, "segments": seg}
+
+
+def make_source(config) -> Source:
+  """The source named by config.dataset.name ('demo', 'folder', TFDS name)."""
+  from odin_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.hide_accelerators_from_tf()
+  d = config.dataset
+  name = d.name
+  if not name:
+    raise ValueError(f"config.dataset.name is empty: choose one of {_BUILTIN} "
+                     "or a TFDS dataset name such as 'imagenet2012'.")
+  if name == "demo":
+    return DemoSource(config)
+  if name == "folder":
+    return FolderSource(d.folder, config.masks)
+  return TfdsSource(name, d.split, d.data_dir, config.masks,
+                    image_key=d.get("image_key", "image"))
