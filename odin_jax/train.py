@@ -1,0 +1,177 @@
+"""train_and_evaluate: mesh, state, input, the loop, checkpoints, metrics.
+
+The loop is the same for every method (see step.py). Resume is exact: the
+state is restored from the latest orbax checkpoint and the input stream
+restarts at that step's position (the stream is a pure function of the seed
+and the position), so a killed-and-restarted run reaches the same parameters
+and losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import jax
+from absl import logging
+
+from odin_jax import checkpoint, config_check, reporting, sharding, step
+from odin_jax.data import pipeline, sources
+from odin_jax.models import heads
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the loss becomes NaN or infinite; nothing is saved."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _should_block(config) -> bool:
+  if config.block_every_step is not None:
+    return bool(config.block_every_step)
+  # XLA:CPU multi-device steps with collectives deadlock when several are
+  # dispatched without blocking; elsewhere we keep one step in flight.
+  return jax.default_backend() == "cpu"
+
+
+def _check_finite(metrics: dict, step_number: int, mngr) -> None:
+  loss = metrics["train/loss"]
+  if math.isfinite(loss):
+    return
+  mngr.wait_until_finished()
+  last = mngr.latest_step()
+  where = (f"The last good checkpoint (step {last}) in {mngr.directory} is "
+           "intact; rerunning resumes from it." if last is not None else
+           "No checkpoint had been written yet.")
+  raise NonFiniteLossError(
+      f"Loss is {loss} at step {step_number}: training stopped. {where} "
+      "Try a lower optimizer.base_learning_rate, a longer warmup_epochs, or "
+      "check the input data.")
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
+  """Trains `config.method` in `workdir`, resuming from its checkpoints.
+
+  Args:
+    config: a config from configs/<method>.py.
+    workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
+    devices: devices for the mesh (default: all).
+  Returns:
+    The final TrainState (replicated on the mesh).
+  """
+  config_check.validate(config)
+  mesh = sharding.make_mesh(devices)
+  sharding.check_batch_size(config.batch_size, mesh)
+  source = sources.make_source(config)
+  total_steps, warmup_steps = step.schedule_lengths(config,
+                                                    source.num_examples)
+  model = heads.from_config(config)
+  lr_schedule = step.learning_rate_schedule(config, total_steps, warmup_steps)
+  ema_schedule = step.ema_decay_schedule(config, total_steps)
+  tx = step.make_optimizer(config, lr_schedule)
+
+  replicated = sharding.replicated(mesh)
+  init = jax.jit(lambda rng: step.create_train_state(config, model, tx, rng),
+                 out_shardings=replicated)
+  state = init(jax.random.PRNGKey(config.seed))
+  mngr = checkpoint.manager(workdir, config.max_to_keep)
+  state = checkpoint.restore_latest(mngr, state, config)
+  start = int(jax.device_get(state.step))
+
+  train_step = jax.jit(
+      step.make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh),
+      in_shardings=(replicated, sharding.batch_sharded(mesh)),
+      out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  writer = reporting.create_writer(workdir)
+  if start == 0:
+    writer.write_hparams(_flat_hparams(config))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info(
+      "%s: %d devices, global batch %d, %d steps (%d warm-up), %d examples, "
+      "%.1fM parameters, starting at step %d.", config.method,
+      mesh.devices.size, config.batch_size, total_steps, warmup_steps,
+      source.num_examples, num_params / 1e6, start)
+  if start >= total_steps:
+    logging.info("Already trained to step %d; nothing to do.", start)
+    return state
+
+  dataset = pipeline.make_train_dataset(
+      config, source, global_batch_size=config.batch_size, start_step=start,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = dataset.as_numpy_iterator()
+  block = _should_block(config)
+  progress = reporting.Progress(total_steps, config.batch_size, start)
+  pending = None   # (step number, metrics on device) not yet checked
+
+  def finish(pending):
+    """Fetches, checks and (periodically) writes one step's metrics."""
+    number, device_metrics = pending
+    metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(metrics, number, mngr)
+    if number % config.log_every_steps == 0 or number == total_steps:
+      metrics.update(progress.rates(number))
+      writer.write_scalars(number, metrics)
+      logging.info(progress.line(number, metrics))
+
+  with _Preemption() as preemption:
+    for number in range(start + 1, total_steps + 1):
+      batch = next(batches)
+      device_batch = sharding.to_global(
+          mesh, {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")})
+      state, metrics = train_step(state, device_batch)
+      if pending is not None:
+        finish(pending)
+      pending = (number, metrics)
+      save_now = (number % config.checkpoint_every_steps == 0
+                  or number == total_steps or preemption.requested)
+      if block or save_now:
+        finish(pending)   # never checkpoint a step whose loss is unchecked
+        pending = None
+      if save_now:
+        checkpoint.save(mngr, state, config)
+      if preemption.requested:
+        logging.warning("Saved step %d after SIGTERM; exiting.", number)
+        break
+    if pending is not None:
+      finish(pending)
+  mngr.wait_until_finished()
+  writer.flush()
+  return state
+
+
+def _flat_hparams(config) -> dict:
+  flat = {}
+
+  def visit(prefix, value):
+    if hasattr(value, "items"):
+      for k, v in value.items():
+        visit(f"{prefix}{k}.", v)
+    else:
+      flat[prefix[:-1]] = value if isinstance(
+          value, (bool, int, float, str)) else str(value)
+
+  visit("", config)
+  return flat
+

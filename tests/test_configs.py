@@ -1,0 +1,69 @@
+"""Every config and preset builds and validates; bad values fail clearly."""
+import pytest
+
+from configs import byol, common, detcon_b, detcon_s, simclr
+from odin_jax import config_check
+
+METHODS = {"detcon_b": detcon_b, "detcon_s": detcon_s, "byol": byol, "simclr": simclr}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("preset", [None, *common.PRESETS])
+def test_every_config_builds_and_validates(name, preset):
+  config = METHODS[name].get_config(preset)
+  assert config.method == name
+  config_check.validate(config)
+  for field in ("batch_size", "num_epochs", "total_steps", "log_every_steps",
+                "checkpoint_every_steps", "seed"):
+    assert field in config
+
+
+def test_paper_defaults():
+  c = detcon_b.get_config()
+  assert (c.batch_size, c.num_epochs, c.num_masks, c.image_size) == (4096, 1000, 16, 224)
+  assert (c.masks.method, c.masks.fh_scale, c.loss.temperature) == ("fh", 1000.0, 0.1)
+  assert (c.model.depth, c.model.projector_hidden, c.model.projector_dim) == (50, 4096, 256)
+  assert (c.optimizer.base_learning_rate, c.optimizer.weight_decay) == (0.2, 1.5e-6)
+  assert c.ema.base_decay == 0.996
+  s = detcon_s.get_config()
+  assert s.model.predictor_hidden == 0 and not s.ema.enabled
+  for cfg in (byol, simclr):
+    g = cfg.get_config()
+    assert g.num_masks == 1 and g.masks.method == "grid" and g.masks.grid_size == 1
+  assert detcon_b.get_config("demo").dataset.name == "demo"
+
+
+def test_unknown_preset_names_the_choices():
+  with pytest.raises(ValueError, match="demo"):
+    detcon_b.get_config("imagenet21k")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss.name", "infonce", "loss.name"),
+    ("masks.method", "mcg", "masks.method"),
+    ("model.depth", 42, "model.depth"),
+    ("batch_size", 0, "batch_size"),
+    ("num_masks", 4, "num_masks"),          # byol takes one global mask
+    ("grad_accum_steps", 3, "grad_accum_steps"),
+])
+def test_bad_values_fail_with_the_field_name(field, value, match):
+  config = byol.get_config("test")
+  node = config
+  *path, leaf = field.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_check.ConfigError, match=match):
+    config_check.validate(config)
+
+
+def test_unknown_field_on_the_command_line_is_rejected(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-m", "odin_jax.main", "--config=configs/detcon_b.py:demo",
+       "--config.batch_sise=64", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "batch_sise" in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
