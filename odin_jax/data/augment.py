@@ -155,8 +155,10 @@ def color_jitter(image, seed, config):
         lambda: clip(tf.image.adjust_hue(x, hue)),
     ])
 
-  for i in range(4):
-    image = apply(order[i], image)
+  # One loop over the 4 steps traces the branches once (not 4 times).
+  _, image = tf.while_loop(lambda i, x: i < 4,
+                           lambda i, x: (i + 1, apply(order[i], x)),
+                           (tf.constant(0), image))
   return image
 
 
