@@ -33,8 +33,14 @@ def save(mngr: ocp.CheckpointManager, state, config) -> None:
   """Saves `state` at its step (asynchronously; call wait before exit)."""
   step = int(jax.device_get(state.step))
   meta = {"step": step, "method": config.method, "config": config.to_json()}
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  # force: the loop decides when to save (periodic, final, preemption);
+  # orbax's own interval policy must not silently skip a requested save.
+  saved = mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True)
+  if not saved:
+    raise RuntimeError(f"orbax refused to save step {step} in "
+                       f"{mngr.directory}.")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state, config):

@@ -144,15 +144,19 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       if pending is not None:
         finish(pending)
       pending = (number, metrics)
+      # Read the flag once: SIGTERM may land anywhere in this iteration.
+      stop = preemption.requested
       save_now = (number % config.checkpoint_every_steps == 0
-                  or number == total_steps or preemption.requested)
+                  or number == total_steps or stop)
       if block or save_now:
         finish(pending)   # never checkpoint a step whose loss is unchecked
         pending = None
       if save_now:
         checkpoint.save(mngr, state, config)
-      if preemption.requested:
-        logging.warning("Saved step %d after SIGTERM; exiting.", number)
+      if stop:
+        mngr.wait_until_finished()
+        logging.warning("Saved step %d in %s after SIGTERM; exiting.",
+                        mngr.latest_step(), mngr.directory)
         break
     if pending is not None:
       finish(pending)
