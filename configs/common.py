@@ -124,8 +124,8 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
     if preset == "demo":
       c.image_size = 96
       c.model.width = 0.5
-      c.batch_size = 32
-      c.total_steps = 300
+      c.batch_size = 16
+      c.total_steps = 200
       c.checkpoint_every_steps = 100
       c.dataset.demo_num_scenes = 256
     else:

@@ -1,0 +1,79 @@
+"""Step time of DetCon-B, BYOL, DetCon-S and SimCLR, as ratios in one run.
+
+Same network, batch and resolution for all four; only the method differs.
+  python bench/step_time.py                 # ResNet-18 x0.5, 96 px, batch 32
+  python bench/step_time.py --depth=50 --width=1 --image_size=224 --batch=64
+Prints a table; the goal is DetCon-B <= 1.05 x BYOL (paper: +11.6% FLOPs).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import byol, detcon_b, detcon_s, simclr  # noqa: E402
+from odin_jax import sharding, step  # noqa: E402
+from odin_jax.models import heads  # noqa: E402
+
+
+def time_method(module, args):
+  c = module.get_config("demo")
+  c.model.depth, c.model.width = args.depth, args.width
+  c.image_size, c.batch_size = args.image_size, args.batch
+  if args.depth >= 50:
+    c.model.projector_hidden = 4096
+    c.model.projector_dim = 256
+    if c.model.predictor_hidden:
+      c.model.predictor_hidden = 4096
+  model = heads.from_config(c)
+  lr = step.learning_rate_schedule(c, 1000, 10)
+  tx = step.make_optimizer(c, lr)
+  mesh = sharding.make_mesh()
+  rep = sharding.replicated(mesh)
+  state = jax.device_put(step.create_train_state(c, model, tx, jax.random.PRNGKey(0)), rep)
+  fn = jax.jit(step.make_train_step(c, model, tx, lr, step.ema_decay_schedule(c, 1000), mesh),
+               in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep),
+               donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  b, s = c.batch_size, c.image_size
+  seg = np.kron(rng.integers(0, 40, (2, b, s // 8, s // 8)), np.ones((8, 8), np.int64))
+  batch = sharding.to_global(mesh, {
+      "view1": rng.random((b, s, s, 3), np.float32), "view2": rng.random((b, s, s, 3), np.float32),
+      "mask1": seg[0].astype(np.int32), "mask2": seg[1].astype(np.int32)})
+  for _ in range(args.warmup):
+    state, m = fn(state, batch)
+    jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, m = fn(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--depth", type=int, default=18)
+  p.add_argument("--width", type=float, default=0.5)
+  p.add_argument("--image_size", type=int, default=96)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  args = p.parse_args()
+  methods = {"byol": byol, "detcon_b": detcon_b, "simclr": simclr, "detcon_s": detcon_s}
+  t = {name: time_method(mod, args) for name, mod in methods.items()}
+  print(f"\n{jax.devices()[0].platform} x{jax.device_count()}, ResNet-{args.depth} "
+        f"x{args.width}, {args.image_size}px, batch {args.batch}, median of {args.steps}")
+  print(f"{'method':10s} {'step (ms)':>10s} {'ratio':>14s}")
+  for name, base in (("byol", "byol"), ("detcon_b", "byol"), ("simclr", "simclr"),
+                     ("detcon_s", "simclr")):
+    print(f"{name:10s} {1000 * t[name]:10.1f} {t[name] / t[base]:8.3f} x {base}")
+
+
+if __name__ == "__main__":
+  main()
