@@ -15,12 +15,8 @@ def setup(cache_dir: str | None = None) -> None:
   that JAX needs. The persistent compilation cache makes a restarted run
   (resume after preemption) skip its multi-second compile.
   """
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (RuntimeError, ValueError):
-    pass  # already initialised, or no such device type
+  from odin_jax.data import pipeline
+  pipeline.hide_accelerators_from_tf()
   _quiet_library_logs()
   cache_dir = cache_dir or os.environ.get("ODIN_JAX_XLA_CACHE") or \
       os.path.join(os.path.expanduser("~"), ".cache", "odin_jax", "xla")
