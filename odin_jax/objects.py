@@ -67,6 +67,21 @@ def downsample_segments(segments: jnp.ndarray, grid: tuple[int, int]):
   return _mode_last_axis(blocks.reshape(b, gh, gw, bh * bw))
 
 
+def unique_ids(cells: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Distinct ids per image, padded: (unique [B, N], num_unique [B]).
+
+  cells: int [B, ...] per-cell ids. unique[b, :num_unique[b]] are image b's
+  distinct ids in increasing order; the rest is the dtype's max value.
+  """
+  b = cells.shape[0]
+  s = jnp.sort(cells.reshape(b, -1), axis=-1)
+  is_new = jnp.concatenate(
+      [jnp.ones((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1)
+  # Push repeats past the end so the first num_unique entries are the ids.
+  big = jnp.iinfo(s.dtype).max
+  return jnp.sort(jnp.where(is_new, s, big), axis=-1), is_new.sum(-1)
+
+
 def sample_mask_ids(key: jax.Array, cells: jnp.ndarray, num_samples: int):
   """Samples segment ids uniformly among those present, with replacement.
 
@@ -77,15 +92,9 @@ def sample_mask_ids(key: jax.Array, cells: jnp.ndarray, num_samples: int):
   Returns:
     int32 [B, M] ids; every returned id occurs in that image's cells.
   """
-  b = cells.shape[0]
-  s = jnp.sort(cells.reshape(b, -1), axis=-1)
-  is_new = jnp.concatenate(
-      [jnp.ones((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1)
-  num_unique = is_new.sum(-1, keepdims=True)
-  # Push repeats past the end so the first num_unique entries are the ids.
-  big = jnp.iinfo(s.dtype).max
-  unique = jnp.sort(jnp.where(is_new, s, big), axis=-1)
-  pick = jax.random.randint(key, (b, num_samples), 0, num_unique)
+  unique, num_unique = unique_ids(cells)
+  pick = jax.random.randint(key, (cells.shape[0], num_samples), 0,
+                            num_unique[:, None])
   return jnp.take_along_axis(unique, pick, axis=-1).astype(jnp.int32)
 
 

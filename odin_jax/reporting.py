@@ -71,6 +71,30 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class IntervalMean:
+  """Averages per-step scalars between two log steps (CLU's Average metric).
+
+  A single step's contrastive loss is noisy (the number of segments and the
+  negatives change every batch); the mean over the logging interval is what
+  shows the trend. `add` takes host floats; `result` returns the means and
+  starts a new interval.
+  """
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._count = 0
+
+  def add(self, scalars: Mapping[str, float]) -> None:
+    for k, v in scalars.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(v)
+    self._count += 1
+
+  def result(self) -> dict[str, float]:
+    out = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+    self._sums, self._count = {}, 0
+    return out
+
+
 class Progress:
   """Tracks throughput and prints one progress line with an ETA per log."""
 

@@ -213,5 +213,4 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
 
 def _num_unique(cells: jax.Array) -> jax.Array:
   """Mean number of distinct ids per image on the feature grid. [B,h,w] -> []"""
-  s = jnp.sort(cells.reshape(cells.shape[0], -1), axis=-1)
-  return jnp.mean(1.0 + jnp.sum(s[:, 1:] != s[:, :-1], axis=-1))
+  return jnp.mean(objects.unique_ids(cells)[1].astype(jnp.float32))

@@ -70,6 +70,9 @@ def _check_finite(metrics: dict, step_number: int, mngr) -> None:
       "check the input data.")
 
 
+_SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay")
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   """Trains `config.method` in `workdir`, resuming from its checkpoints.
 
@@ -124,16 +127,26 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   block = _should_block(config)
   progress = reporting.Progress(total_steps, config.batch_size, start)
   pending = None   # (step number, metrics on device) not yet checked
+  interval = reporting.IntervalMean()
 
   def finish(pending):
     """Fetches, checks and (periodically) writes one step's metrics."""
     number, device_metrics = pending
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     _check_finite(metrics, number, mngr)
+    interval.add(metrics)
     if number % config.log_every_steps == 0 or number == total_steps:
-      metrics.update(progress.rates(number))
-      writer.write_scalars(number, metrics)
-      logging.info(progress.line(number, metrics))
+      # Written values are means over the steps since the last write, except
+      # the schedules (learning rate, EMA decay), which are this step's.
+      scalars = interval.result()
+      for k in _SCHEDULE_METRICS:
+        if k in metrics:
+          scalars[k] = metrics[k]
+      scalars["train/loss_last_step"] = metrics["train/loss"]
+      scalars.update(progress.rates(number))
+      writer.write_scalars(number, scalars)
+      if jax.process_index() == 0:
+        logging.info(progress.line(number, scalars))
 
   with _Preemption() as preemption:
     for number in range(start + 1, total_steps + 1):

@@ -37,36 +37,48 @@ def test_each_method_trains_end_to_end(module, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
-def test_crash_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-  config = _config(detcon_b, steps=6)
-  config.checkpoint_every_steps = 2
+def _run_main(workdir, *flags):
+  return subprocess.Popen(
+      [sys.executable, "-m", "odin_jax.main", *flags, f"--workdir={workdir}"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ))
+
+
+def test_kill9_and_resume_equals_uninterrupted(tmp_path):
+  """A run SIGKILLed mid-training resumes to the uninterrupted run's numbers."""
+  steps, every = 40, 4
+  config = _config(detcon_b, steps=steps)
+  config.checkpoint_every_steps = every
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
 
-  class Crash(Exception):
-    pass
+  killed = tmp_path / "killed"
+  proc = _run_main(killed, "--config=configs/detcon_b.py:test",
+                   f"--config.total_steps={steps}", "--config.log_every_steps=1",
+                   f"--config.checkpoint_every_steps={every}")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (killed / "checkpoints" / str(2 * every)).is_dir():
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "run ended before it could be killed:\n" + (
+      proc.communicate()[0][-3000:])
+  proc.kill()   # SIGKILL: no handler, no final save, maybe a save in flight
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  done = reporting.read_metrics(str(killed))
+  assert 2 * every <= len(done) < steps   # killed mid-run, after some steps
 
-  real_save = checkpoint.save
-
-  def save_then_crash(mngr, state, cfg):
-    real_save(mngr, state, cfg)
-    if int(state.step) == 4:
-      mngr.wait_until_finished()
-      raise Crash()   # dies after saving step 4; step 5 is lost
-
-  monkeypatch.setattr(checkpoint, "save", save_then_crash)
-  with pytest.raises(Crash):
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(checkpoint, "save", real_save)
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-
-  assert int(resumed.step) == int(full.step) == 6
-  for a, b in zip(jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed))):
+  resumed = train.train_and_evaluate(config, str(killed))
+  assert int(resumed.step) == int(full.step) == steps
+  for a, b in zip(jax.tree.leaves(jax.device_get(full)),
+                  jax.tree.leaves(jax.device_get(resumed))):
     np.testing.assert_array_equal(a, b)
-  # Same losses at every step: the input order resumed too.
+  # Same loss at every step (steps redone after the kill overwrite the killed
+  # run's records): the input order resumed too.
   full_losses = [r["train/loss"] for r in reporting.read_metrics(str(tmp_path / "full"))]
-  res_losses = [r["train/loss"] for r in reporting.read_metrics(str(tmp_path / "resumed"))]
-  assert full_losses == res_losses and len(full_losses) == 6
-  assert len(set(full_losses)) == 6
+  res_losses = [r["train/loss"] for r in reporting.read_metrics(str(killed))]
+  assert len(full_losses) == steps and full_losses == res_losses
+  assert len(set(full_losses)) == steps
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -91,12 +103,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  env = dict(os.environ)
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "odin_jax.main", "--config=configs/simclr.py:test",
-       "--config.total_steps=100000", "--config.log_every_steps=1",
-       "--config.checkpoint_every_steps=100000", f"--workdir={tmp_path}"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  proc = _run_main(tmp_path, "--config=configs/simclr.py:test",
+                   "--config.total_steps=100000", "--config.log_every_steps=1",
+                   "--config.checkpoint_every_steps=100000")
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
