@@ -137,11 +137,9 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     return jax.lax.with_sharding_constraint(x, replicated)
 
   def forward_loss(params, batch_stats, target_params, batch, key):
-    key1, key2 = jax.random.split(key)
     cells1 = objects.downsample_segments(batch["mask1"], grid)
     cells2 = objects.downsample_segments(batch["mask2"], grid)
-    ids1 = objects.sample_mask_ids(key1, cells1, num_masks)
-    ids2 = objects.sample_mask_ids(key2, cells2, num_masks)
+    ids1 = ids2 = objects.sample_shared_ids(key, cells1, cells2, num_masks)
 
     def online(stats, view, cells, ids):
       return model.apply({"params": params, "batch_stats": stats}, view,

@@ -29,12 +29,14 @@ def test_downsample_matches_onehot_average_pooling(seed, size, grid):
 
 
 def test_downsample_non_multiple_sizes_uses_nearest_blocks():
-  seg = np.zeros((1, 80, 80), np.int32)
-  seg[:, :, 40:] = 1               # left half 0, right half 1
-  cells = np.asarray(objects.downsample_segments(seg, (3, 3)))
-  # 80 px is resized (nearest) to 96 px = 3 blocks of 32: the middle block
-  # holds 16 px of id 0 and 16 px of id 1 per row -> tie -> smaller id.
-  np.testing.assert_array_equal(cells[0], np.array([[0, 0, 1]] * 3))
+  # 80 px on a 3x3 grid: the map is resized (nearest, pixel centres) to 81 px
+  # = 3 blocks of 27. The middle block covers source columns 26.7..53.3, so
+  # an edge at column 36 leaves it mostly 1 and an edge at 44 mostly 0.
+  for edge, middle in ((36, 1), (44, 0)):
+    seg = np.zeros((1, 80, 80), np.int32)
+    seg[:, :, edge:] = 1
+    cells = np.asarray(objects.downsample_segments(seg, (3, 3)))
+    np.testing.assert_array_equal(cells[0], np.array([[0, middle, 1]] * 3))
 
 
 def test_sample_ids_are_present_and_uniform():
@@ -63,3 +65,27 @@ def test_one_global_mask_is_global_average_pooling():
   cells = np.zeros((2, 7, 7), np.int32)
   got = objects.pool_features(feats, cells, np.zeros((2, 1), np.int32))
   np.testing.assert_allclose(np.asarray(got)[:, 0], feats.mean((1, 2)), rtol=1e-5)
+
+
+def test_shared_ids_are_visible_in_both_views_and_uniform():
+  # image 0: view 1 sees {1, 2, 7}, view 2 sees {2, 7, 9} -> draws in {2, 7};
+  # image 1: no id in common -> falls back to view 1's ids {4, 6}.
+  cells1 = np.array([[[1, 2], [7, 7]], [[4, 4], [6, 4]]], np.int32)
+  cells2 = np.array([[[9, 2], [9, 7]], [[5, 5], [8, 5]]], np.int32)
+  ids = np.asarray(objects.sample_shared_ids(jax.random.PRNGKey(1), cells1,
+                                             cells2, 4000))
+  assert set(ids[0]) == {2, 7} and set(ids[1]) == {4, 6}
+  assert abs(np.mean(ids[0] == 2) - 0.5) < 0.04
+  assert abs(np.mean(ids[1] == 6) - 0.5) < 0.04
+
+
+def test_shared_ids_with_many_large_ids_match_set_intersection():
+  rng = np.random.default_rng(3)
+  cells1 = rng.integers(0, 70000, size=(3, 6, 6)).astype(np.int32)
+  cells2 = cells1[:, ::-1].copy()
+  cells2[:, :2] = rng.integers(0, 70000, size=(3, 2, 6))
+  ids = np.asarray(objects.sample_shared_ids(jax.random.PRNGKey(0), cells1,
+                                             cells2, 3000))
+  for b in range(3):
+    both = set(cells1[b].ravel()) & set(cells2[b].ravel())
+    assert set(ids[b]) == both
