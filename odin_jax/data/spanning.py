@@ -1,0 +1,158 @@
+"""Odin's spanning view: the smallest crop covering both augmented views.
+
+Odin (Hénaff et al. 2022, §3.1 and Appendix A) runs its object-discovery
+network on a "spanning view" v0: the smallest box of the source image that
+contains the crop boxes of both augmented views, cut from the UN-augmented
+image (no colour transform, no flip) and resized to span_size x span_size
+(448 for 224 px views, i.e. 2 x image_size). k-means on the discovery
+network's feature grid segments v0; each view's masks are then obtained on
+device by cropping that segment map to the view's box (expressed relative to
+the spanning box), flipping it when the view was flipped and resizing it with
+nearest neighbour (odin_jax.discovery.mapping.map_segments).
+
+Everything here is TensorFlow in graph mode, for use inside a tf.data map.
+
+Coordinates. Boxes in image pixels are (y0, x0, h, w) int32, covering rows
+[y0, y0 + h) and columns [x0, x0 + w), exactly as augment.sample_crop_box
+returns them. Relative boxes are float32 (y0, x0, y1, x1) in the spanning
+view's normalised frame: 0 is the spanning box's top/left EDGE and 1 its
+bottom/right edge (pixel edges, not pixel centres), so pixel row r of the
+image lies in [(r - Y0) / H, (r + 1 - Y0) / H) for a spanning box (Y0, ., H, .).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from odin_jax.data import augment
+
+
+def spanning_box(box1, box2):
+  """Smallest box covering two boxes.
+
+  Args:
+    box1, box2: (y0, x0, h, w), each an int32 scalar tensor (or int).
+  Returns:
+    (y0, x0, h, w) int32 scalars: y0 = min of the tops, y0 + h = max of the
+    bottoms (same for x); it contains both boxes and no smaller box does.
+  """
+  a = [tf.cast(v, tf.int32) for v in box1]
+  b = [tf.cast(v, tf.int32) for v in box2]
+  y0 = tf.minimum(a[0], b[0])
+  x0 = tf.minimum(a[1], b[1])
+  y1 = tf.maximum(a[0] + a[2], b[0] + b[2])
+  x1 = tf.maximum(a[1] + a[3], b[1] + b[3])
+  return y0, x0, y1 - y0, x1 - x0
+
+
+def spanning_view(image, box, size: int):
+  """Crops box from the un-augmented image and resizes it to size x size.
+
+  No flip and no colour transform: the discovery network sees the image as
+  it is. Resampling is the same as the views' (bicubic, half-pixel centres,
+  clipped), so the spanning view and the views sample one continuous image.
+
+  Args:
+    image: uint8 [H, W, 3] (scaled by 1/255) or float [H, W, 3] in [0, 1].
+    box: (y0, x0, h, w) int32 scalars inside the image, e.g. spanning_box.
+    size: output side (python int), e.g. 448.
+  Returns:
+    float32 [size, size, 3] in [0, 1].
+  """
+  y0, x0, h, w = [tf.cast(v, tf.int32) for v in box]
+  crop = tf.slice(image, tf.stack([y0, x0, 0]), tf.stack([h, w, 3]))
+  if crop.dtype == tf.uint8:
+    crop = tf.cast(crop, tf.float32) / 255.0
+  else:
+    crop = tf.cast(crop, tf.float32)
+  span = tf.image.resize(crop, [size, size], method="bicubic")
+  span = tf.clip_by_value(span, 0.0, 1.0)
+  span.set_shape([size, size, 3])
+  return span
+
+
+def relative_box(view_box, span_box):
+  """A view's box in the spanning view's normalised frame.
+
+  Args:
+    view_box: (y0, x0, h, w) int32 scalars, the view's crop in image pixels.
+    span_box: (y0, x0, h, w) int32 scalars, a box containing view_box.
+  Returns:
+    float32 [4] = (y0, x0, y1, x1), pixel edges mapped to [0, 1] (see the
+    module docstring); (0, 0, 1, 1) when the view box is the spanning box.
+  """
+  vy, vx, vh, vw = [tf.cast(v, tf.float32) for v in view_box]
+  sy, sx, sh, sw = [tf.cast(v, tf.float32) for v in span_box]
+  return tf.stack([(vy - sy) / sh, (vx - sx) / sw,
+                   (vy + vh - sy) / sh, (vx + vw - sx) / sw])
+
+
+def span_size(config) -> int:
+  """Spanning-view side: config.odin.span_scale (default 2) x image_size."""
+  scale = 2.0
+  if "odin" in config and "span_scale" in config.odin:
+    scale = float(config.odin.span_scale)
+  size = int(round(scale * int(config.image_size)))
+  if size <= 0:
+    raise ValueError(f"config.odin.span_scale={scale} gives a spanning view "
+                     f"of {size} px; it must be positive (Odin uses 2).")
+  return size
+
+
+def view_geometry(seed, height, width, config):
+  """The crop boxes and flips that augment.two_views draws for this seed.
+
+  Mirrors the seed tree of augment.two_views / augment.one_view:
+  seed -> split 2 (one per view) -> split 2 (geometry, colour) -> geometry
+  seed -> augment.sample_geometry. tests/test_spanning.py checks that the
+  boxes and flips returned here reproduce two_views' masks exactly, so a
+  change to augment's seed tree cannot go unnoticed.
+
+  Args:
+    seed: int32/int64 [2] stateless seed, as given to two_views.
+    height, width: scalar ints, the source image size.
+    config: full config (augment.*).
+  Returns:
+    ((box1, flip1), (box2, flip2)), boxes (y0, x0, h, w) int32 scalars,
+    flips bool scalars.
+  """
+  view_seeds = tf.random.experimental.stateless_split(
+      tf.convert_to_tensor(seed), num=2)
+  out = []
+  for v in range(2):
+    geometry_seed = tf.random.experimental.stateless_split(
+        view_seeds[v], num=2)[0]
+    out.append(augment.sample_geometry(geometry_seed, height, width,
+                                       config.augment))
+  return tuple(out)
+
+
+def two_views_with_span(image, segments, seed, config):
+  """augment.two_views plus Odin's spanning view and each view's geometry.
+
+  Args:
+    image: uint8 [H, W, 3].
+    segments: int32 [H, W] segment ids aligned with image.
+    seed: int32/int64 [2] stateless seed; same seed, same views as two_views.
+    config: full config (image_size, augment.*, optionally odin.span_scale).
+  Returns:
+    dict with, for S = image_size and P = span_size(config) (2S by default):
+      view1, view2  float32 [S, S, 3]  bit-identical to augment.two_views;
+      mask1, mask2  int32 [S, S]       bit-identical to augment.two_views;
+      span          float32 [P, P, 3]  spanning view in [0, 1] (no colour
+                                       augmentation, never flipped);
+      box1, box2    float32 [4]        view boxes (y0, x0, y1, x1) relative
+                                       to the spanning view, in [0, 1];
+      flip1, flip2  bool []            whether each view was mirrored.
+  """
+  out = augment.two_views(image, segments, seed, config)
+  shape = tf.shape(image)
+  (box1, flip1), (box2, flip2) = view_geometry(seed, shape[0], shape[1],
+                                               config)
+  span_box = spanning_box(box1, box2)
+  out["span"] = spanning_view(image, span_box, span_size(config))
+  out["box1"] = relative_box(box1, span_box)
+  out["box2"] = relative_box(box2, span_box)
+  out["flip1"] = flip1
+  out["flip2"] = flip2
+  return out

@@ -1,0 +1,1 @@
+"""Object discovery: on-device k-means and mask mapping (Odin, R2O)."""
