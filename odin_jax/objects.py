@@ -5,7 +5,8 @@ shapes and no cross-device traffic:
 
   segments [B, H, W] --downsample_segments--> cells [B, h, w]  (majority id)
   cells --sample_mask_ids--> ids [B, M]  (uniform over ids present, w/ repl.)
-  cells1, cells2 --sample_shared_ids--> ids [B, M] (ids visible in both views)
+  cells1, cells2 --sample_shared_ids--> ids1, ids2 [B, M] (same ids, visible
+                                        in both views)
   features [B, h, w, C], cells, ids --pool_features--> [B, M, C]  (DetCon h_m)
 
 No bound on the number or value of segment ids is assumed: ids are compared,
@@ -105,25 +106,27 @@ def sample_mask_ids(key: jax.Array, cells: jnp.ndarray, num_samples: int):
 
 
 def sample_shared_ids(key: jax.Array, cells1: jnp.ndarray, cells2: jnp.ndarray,
-                      num_samples: int):
-  """Samples ids present in BOTH views, uniformly with replacement.
+                      num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Samples the same ids for both views, among ids visible in both.
 
   Sampling each view's ids independently wastes rows: with 30 segments on
   the grid and 16 draws per view, fewer than half of view 1's draws are also
   drawn in view 2, and a row without its positive has weight 0 in the loss.
-  Drawing the same ids for both views, among those visible in both, makes
-  every row a positive pair. When an image's views share no id (disjoint
-  crops), its ids come from view 1 alone and the loss weights them 0.
+  Drawing the same ids for both views, uniformly with replacement among
+  those visible in both, makes every row a positive pair. When an image's
+  views share no id (disjoint crops), each view draws among its own ids, so
+  no row pools an empty mask; the losses then give those rows weight 0.
 
   Args:
     key: PRNG key.
     cells1, cells2: int [B, h, w] per-cell ids of the two views.
     num_samples: M.
   Returns:
-    int32 [B, M], the ids for both views.
+    (ids1, ids2) int32 [B, M]; ids1[b] == ids2[b] unless image b's views
+    share no id.
   """
   unique1, count1 = unique_ids(cells1)                       # [B, N]
-  unique2, _ = unique_ids(cells2)
+  unique2, count2 = unique_ids(cells2)
   pos = jax.vmap(jnp.searchsorted)(unique2, unique1)
   pos = jnp.minimum(pos, unique2.shape[1] - 1)
   valid1 = jnp.arange(unique1.shape[1])[None] < count1[:, None]
@@ -131,11 +134,17 @@ def sample_shared_ids(key: jax.Array, cells1: jnp.ndarray, cells2: jnp.ndarray,
   num_shared = shared.sum(-1)
   big = jnp.iinfo(unique1.dtype).max
   shared_ids = jnp.sort(jnp.where(shared, unique1, big), axis=-1)
-  pool = jnp.where((num_shared > 0)[:, None], shared_ids, unique1)
-  size = jnp.where(num_shared > 0, num_shared, count1)
-  pick = jax.random.randint(key, (cells1.shape[0], num_samples), 0,
-                            size[:, None])
-  return jnp.take_along_axis(pool, pick, axis=-1).astype(jnp.int32)
+  any_shared = num_shared > 0
+  u = jax.random.uniform(key, (cells1.shape[0], num_samples))
+
+  def draw(unique, count):
+    pool = jnp.where(any_shared[:, None], shared_ids, unique)
+    size = jnp.where(any_shared, num_shared, count)
+    pick = jnp.minimum(jnp.floor(u * size[:, None]).astype(jnp.int32),
+                       size[:, None] - 1)
+    return jnp.take_along_axis(pool, pick, axis=-1).astype(jnp.int32)
+
+  return draw(unique1, count1), draw(unique2, count2)
 
 
 def pool_features(features: jnp.ndarray, cells: jnp.ndarray, ids: jnp.ndarray):

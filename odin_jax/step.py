@@ -8,9 +8,18 @@ batch; `jax.jit` over a mesh with the batch on axis 'data' inserts the
 collectives (global negatives, global BatchNorm statistics, gradient
 all-reduce).
 
+Odin (`odin.enabled`) adds a discovery network τ (same module, its own
+parameters): it segments the un-augmented spanning view with k-means on its
+per-pixel projections, and the segments, mapped into each view, replace the
+data's masks before the usual loss. τ follows θ by `discovery_rate`.
+
 Batch (global, sharded over 'data'):
   view1, view2 float32 [B, S, S, 3] in [0, 1]
   mask1, mask2 int32   [B, S, S] segment ids (same id = same source segment)
+  Odin only:
+  span         float32 [B, 2S, 2S, 3] the spanning view (no colour, no flip)
+  box1, box2   float32 [B, 4] each view's (y0, x0, y1, x1) in the span, [0, 1]
+  flip1, flip2 bool    [B]
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from odin_jax import losses, objects
+from odin_jax.discovery import kmeans as kmeans_lib
+from odin_jax.discovery import mapping
 from odin_jax.models import resnet
 
 Batch = dict[str, jax.Array]
@@ -39,6 +50,8 @@ class TrainState:
   batch_stats: Any           # online BatchNorm statistics
   opt_state: Any             # LARS momentum
   rng: jax.Array             # base PRNG key; step k uses fold_in(rng, k)
+  discovery_params: Any = flax.struct.field(default_factory=dict)
+  # Odin's τ (follows θ by discovery_rate; {} without Odin)
 
 
 def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
@@ -68,6 +81,59 @@ def ema_decay_schedule(config, total_steps: int) -> Callable:
   return decay
 
 
+def discovery_rate_schedule(config, steps_per_epoch: int) -> Callable:
+  """λ_τ(step) for τ ← τ + λ_τ (θ - τ) after the update of step `step`.
+
+  'ema': the constant rate odin.ema_rate (Odin's continuous schedule, 1e-3).
+  'copy': 1 after every odin.copy_every_epochs epochs, else 0 (τ ← θ).
+  """
+  o = config.odin
+  if o.tau_update == "ema":
+    return lambda step: jnp.asarray(o.ema_rate, jnp.float32)
+  period = max(1, int(round(o.copy_every_epochs * steps_per_epoch)))
+  return lambda step: jnp.where((step + 1) % period == 0, 1.0, 0.0)
+
+
+def make_discover(config, model) -> Callable:
+  """Odin's object discovery: spanning views -> K segments per image.
+
+  Returns discover(params, batch_stats, span, key) -> int32 [B, h, w]: the
+  k-means cluster of every cell of the network's finest feature grid
+  (stride 4 with the FPN). The per-pixel projections g_τ(f_τ(span)) are
+  L2-normalised before k-means++ / Lloyd with odin.num_clusters clusters,
+  each image on its own (no cross-device traffic). BatchNorm uses the span
+  batch's statistics, as the target network does.
+  """
+  o = config.odin
+
+  def discover(params, batch_stats, span, key):
+    z, _ = model.apply({"params": params, "batch_stats": batch_stats}, span,
+                       train=True, method=model.dense_projection,
+                       mutable=["batch_stats"])
+    b, h, w, d = z.shape
+    z = z.reshape(b, h * w, d)
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    assign, _ = kmeans_lib.kmeans(z, o.num_clusters, key,
+                                  num_iters=o.kmeans_iters)
+    return jax.lax.stop_gradient(assign.reshape(b, h, w))
+
+  return discover
+
+
+def discovered_view_masks(config, discover, discovery_params, batch_stats,
+                          batch: Batch, key) -> dict[str, jax.Array]:
+  """Discovered segments and their maps in both views (image resolution).
+
+  Returns span_segments int32 [B, h, w] and mask1, mask2 int32 [B, S, S],
+  which replace the data's masks: downsample_segments then pools them on the
+  view's feature grid exactly like precomputed masks.
+  """
+  size = config.image_size
+  span_segments = discover(discovery_params, batch_stats, batch["span"], key)
+  mask1, mask2 = mapping.views_from_span(span_segments, batch, (size, size))
+  return {"span_segments": span_segments, "mask1": mask1, "mask2": mask2}
+
+
 def _exclude_bias_and_norm(params):
   """True for weights that get weight decay and trust ratio (ndim > 1)."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -83,9 +149,15 @@ def make_optimizer(config, lr_schedule) -> optax.GradientTransformation:
       trust_ratio_mask=_exclude_bias_and_norm, momentum=o.momentum)
 
 
-def feature_grid(config) -> tuple[int, int]:
-  """Side of the hidden map h for config.image_size (7x7 for R50 at 224)."""
-  side = resnet.stage_grid(config.image_size, config.model.feature_stage)
+# FPN outputs share the grid of the ResNet stage they are laterally fed by.
+_FPN_GRID = {"p2": "stage1", "p3": "stage2", "p4": "stage3", "p5": "stage4"}
+
+
+def feature_grid(config, image_size: int | None = None) -> tuple[int, int]:
+  """Side of the hidden map h (7x7 for R50 stage4 at 224, 56x56 for 'p2')."""
+  stage = config.model.feature_stage
+  side = resnet.stage_grid(image_size or config.image_size,
+                           _FPN_GRID.get(stage, stage))
   return side, side
 
 
@@ -98,12 +170,13 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, images, cells, ids, train=False)
   params = variables["params"]
+  copy = lambda: jax.tree.map(jnp.copy, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
-      target_params=(jax.tree.map(jnp.copy, params)
-                     if config.ema.enabled else {}),
+      target_params=copy() if config.ema.enabled else {},
       batch_stats=variables["batch_stats"], opt_state=tx.init(params),
-      rng=state_rng)
+      rng=state_rng,
+      discovery_params=copy() if config.odin.enabled else {})
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -115,9 +188,18 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def make_train_step(config, model, tx, lr_schedule, ema_schedule,
-                    mesh=None) -> Callable[[TrainState, Batch],
-                                           tuple[TrainState, dict]]:
-  """Returns the (un-jitted) train step `(state, batch) -> (state, metrics)`."""
+                    mesh=None, discovery_rate=None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Returns the (un-jitted) train step `(state, batch) -> (state, metrics)`.
+
+  discovery_rate: λ_τ schedule (discovery_rate_schedule); Odin only.
+  """
+  discover = None
+  if config.odin.enabled:
+    if discovery_rate is None:
+      raise ValueError("odin.enabled needs discovery_rate "
+                       "(step.discovery_rate_schedule).")
+    discover = make_discover(config, model)
   grid = feature_grid(config)
   num_masks = config.num_masks
   use_target = bool(config.ema.enabled)
@@ -139,7 +221,7 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
   def forward_loss(params, batch_stats, target_params, batch, key):
     cells1 = objects.downsample_segments(batch["mask1"], grid)
     cells2 = objects.downsample_segments(batch["mask2"], grid)
-    ids1 = ids2 = objects.sample_shared_ids(key, cells1, cells2, num_masks)
+    ids1, ids2 = objects.sample_shared_ids(key, cells1, cells2, num_masks)
 
     def online(stats, view, cells, ids):
       return model.apply({"params": params, "batch_stats": stats}, view,
@@ -167,6 +249,14 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.rng, state.step)
+    extra = {}
+    if discover is not None:
+      found = discovered_view_masks(config, discover, state.discovery_params,
+                                    state.batch_stats, batch,
+                                    jax.random.fold_in(key, 1))
+      batch = dict(batch, mask1=found["mask1"], mask2=found["mask2"])
+      extra["train/discovered_segments"] = _num_unique(found["span_segments"])
+    batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")}
     k = config.grad_accum_steps
     if k == 1:
       (loss, (stats, segs)), grads = grad_fn(
@@ -193,7 +283,14 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     if use_target:   # ξ ← τ ξ + (1 - τ) θ, with the freshly updated θ
       target_params = jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o,
                                    target_params, params)
+    discovery_params = state.discovery_params
+    if discover is not None:   # τ ← τ + λ_τ (θ - τ), with the updated θ
+      rate = discovery_rate(state.step)
+      discovery_params = jax.tree.map(lambda t, o: t + rate * (o - t),
+                                      discovery_params, params)
+      extra["train/discovery_rate"] = rate
     metrics = {
+        **extra,
         "train/loss": loss,
         "train/grad_norm": optax.tree.norm(grads),
         "train/learning_rate": lr_schedule(state.step),
@@ -203,7 +300,8 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
       metrics["train/ema_decay"] = decay
     new_state = state.replace(step=state.step + 1, params=params,
                               target_params=target_params, batch_stats=stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state,
+                              discovery_params=discovery_params)
     return new_state, metrics
 
   return train_step

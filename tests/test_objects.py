@@ -68,15 +68,16 @@ def test_one_global_mask_is_global_average_pooling():
 
 
 def test_shared_ids_are_visible_in_both_views_and_uniform():
-  # image 0: view 1 sees {1, 2, 7}, view 2 sees {2, 7, 9} -> draws in {2, 7};
-  # image 1: no id in common -> falls back to view 1's ids {4, 6}.
+  # image 0: view 1 sees {1, 2, 7}, view 2 sees {2, 7, 9} -> both draw the
+  # same ids in {2, 7}; image 1: no id in common -> each view draws its own.
   cells1 = np.array([[[1, 2], [7, 7]], [[4, 4], [6, 4]]], np.int32)
   cells2 = np.array([[[9, 2], [9, 7]], [[5, 5], [8, 5]]], np.int32)
-  ids = np.asarray(objects.sample_shared_ids(jax.random.PRNGKey(1), cells1,
-                                             cells2, 4000))
-  assert set(ids[0]) == {2, 7} and set(ids[1]) == {4, 6}
-  assert abs(np.mean(ids[0] == 2) - 0.5) < 0.04
-  assert abs(np.mean(ids[1] == 6) - 0.5) < 0.04
+  ids1, ids2 = map(np.asarray, objects.sample_shared_ids(
+      jax.random.PRNGKey(1), cells1, cells2, 4000))
+  np.testing.assert_array_equal(ids1[0], ids2[0])
+  assert set(ids1[0]) == {2, 7} and abs(np.mean(ids1[0] == 2) - 0.5) < 0.04
+  assert set(ids1[1]) == {4, 6} and abs(np.mean(ids1[1] == 6) - 0.5) < 0.04
+  assert set(ids2[1]) == {5, 8} and abs(np.mean(ids2[1] == 8) - 0.5) < 0.04
 
 
 def test_shared_ids_with_many_large_ids_match_set_intersection():
@@ -84,8 +85,9 @@ def test_shared_ids_with_many_large_ids_match_set_intersection():
   cells1 = rng.integers(0, 70000, size=(3, 6, 6)).astype(np.int32)
   cells2 = cells1[:, ::-1].copy()
   cells2[:, :2] = rng.integers(0, 70000, size=(3, 2, 6))
-  ids = np.asarray(objects.sample_shared_ids(jax.random.PRNGKey(0), cells1,
-                                             cells2, 3000))
+  ids1, ids2 = map(np.asarray, objects.sample_shared_ids(
+      jax.random.PRNGKey(0), cells1, cells2, 3000))
+  np.testing.assert_array_equal(ids1, ids2)
   for b in range(3):
     both = set(cells1[b].ravel()) & set(cells2[b].ravel())
-    assert set(ids[b]) == both
+    assert set(ids1[b]) == both
