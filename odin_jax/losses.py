@@ -1,4 +1,4 @@
-"""Contrastive detection (DetCon), BYOL and SimCLR losses on the global batch.
+"""Contrastive detection (DetCon), BYOL, per-mask BYOL (R2O) and SimCLR losses.
 
 All losses share one signature over mask latents of two views:
 
@@ -133,6 +133,35 @@ def byol_loss(pred_1, pred_2, target_1, target_2, ids_1=None, ids_2=None,
   return direction(pred_1, target_2) + direction(pred_2, target_1)
 
 
+def mask_byol_loss(pred_1, pred_2, target_1, target_2, ids_1, ids_2,
+                   temperature: float | None = None):
+  """BYOL's regression loss per mask (R2O eq. 4-5), symmetric.
+
+  Row (b, m) of view 1 regresses onto the target latent of the same id in
+  the same image's view 2: l = ||p/|p| - t/|t|||² = 2 - 2 cos(p, t). Rows
+  are weighted as in contrastive detection (1 / repeats of the id in its
+  view, 0 if the id is absent from the other view) and averaged over the
+  weight, so each mask present in both views counts once. With one global
+  mask this is exactly `byol_loss`.
+  Latents [B, M, D], ids [B, M].
+  """
+  del temperature
+
+  def direction(pred, target_other, ids, ids_other):
+    cos = jnp.einsum("bmd,bnd->bmn", l2_normalize(pred),
+                     l2_normalize(target_other))
+    match = ids[:, :, None] == ids_other[:, None, :]
+    positive = match & _first_occurrence(ids_other)[:, None, :]
+    has_pos = jnp.any(positive, axis=-1)
+    loss = 2.0 - 2.0 * jnp.sum(jnp.where(positive, cos, 0.0), axis=-1)
+    repeats = jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1)
+    weight = jnp.where(has_pos, 1.0 / repeats, 0.0)
+    return jnp.sum(weight * loss) / jnp.maximum(jnp.sum(weight), 1.0)
+
+  return (direction(pred_1, target_2, ids_1, ids_2) +
+          direction(pred_2, target_1, ids_2, ids_1))
+
+
 def _check_single_mask(latents, name):
   if latents.shape[1] != 1:
     raise ValueError(
@@ -146,6 +175,7 @@ LOSSES = {
     "contrastive_detection": contrastive_detection_loss,
     "simclr": simclr_loss,
     "byol": byol_loss,
+    "mask_byol": mask_byol_loss,
 }
 
 

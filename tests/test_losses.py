@@ -148,3 +148,42 @@ def test_local_negatives_equals_per_shard_losses():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # and it differs from the global-negatives loss
   assert abs(float(got) - float(losses.contrastive_detection_loss(*lat, ids1, ids2))) > 1e-3
+
+
+def reference_mask_byol(p1, p2, t1, t2, ids1, ids2):
+  """Per-mask BYOL from the spec, row by row: each id present in both views
+  counts once (weight 1/repeats), the mean taken over those ids."""
+  p = [_normalize(np.asarray(p1, np.float64)), _normalize(np.asarray(p2, np.float64))]
+  t = [_normalize(np.asarray(t1, np.float64)), _normalize(np.asarray(t2, np.float64))]
+  ids = [np.asarray(ids1), np.asarray(ids2)]
+  total = 0.0
+  for v in (0, 1):
+    o = 1 - v
+    num, den = 0.0, 0.0
+    for i in range(ids[v].shape[0]):
+      row_ids = list(ids[v][i])
+      for j, k in enumerate(row_ids):
+        if k not in set(ids[o][i]):
+          continue
+        n = list(ids[o][i]).index(k)     # first copy in the other view
+        w = 1.0 / row_ids.count(k)       # repeated draws count once
+        num += w * (2 - 2 * float(p[v][i, j] @ t[o][i, n]))
+        den += w
+    total += num / den if den else 0.0
+  return total
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_byol_matches_reference(seed):
+  lat, ids1, ids2 = _random_case(seed)
+  got = float(losses.mask_byol_loss(*lat, ids1, ids2))
+  np.testing.assert_allclose(got, reference_mask_byol(*lat, ids1, ids2),
+                             rtol=1e-5)
+
+
+def test_mask_byol_with_one_global_mask_equals_byol():
+  rng = np.random.default_rng(2)
+  lat = [rng.normal(size=(4, 1, 8)).astype(np.float32) for _ in range(4)]
+  ids = np.zeros((4, 1), np.int32)
+  np.testing.assert_allclose(float(losses.mask_byol_loss(*lat, ids, ids)),
+                             float(losses.byol_loss(*lat)), rtol=1e-6)
