@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "absl-py>=2.1",
     "pillow>=10",
+    "scipy>=1.11",
 ]
 
 EXTRAS = {
