@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "tpu": ["jax[tpu]>=0.7.0,<0.12"],
     "cuda": ["jax[cuda12]>=0.7.0,<0.12"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # scikit-learn: the independent k-means the tests compare against.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
 }
 
 setuptools.setup(

@@ -27,7 +27,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.batch_size = 4096            # global, over all devices and hosts
   c.num_epochs = 1000
   c.total_steps = 0
-  c.warmup_epochs = 10
+  c.warmup_epochs = 10.0
   c.grad_accum_steps = 1         # >1 splits the batch into micro-batches
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
@@ -74,7 +74,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   m.projector_hidden = 4096
   m.projector_dim = 256
   m.predictor_hidden = 4096      # 0: no predictor (DetCon-S, SimCLR)
-  m.feature_stage = "stage4"
+  m.feature_stage = "stage4"     # or 'p2' (FPN, stride 4; needs fpn_channels)
+  m.fpn_channels = 0             # > 0 adds an FPN on stages 1-4 (Odin)
   m.zero_init_residual = False
   m.dtype = "float32"
 
@@ -92,6 +93,28 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict()
   c.ema.enabled = True           # target network ξ = EMA of θ
   c.ema.base_decay = 0.996       # cosine-increased to 1
+
+  # Odin: masks discovered by k-means on a discovery network's own features
+  # (configs/odin.py turns it on). Off: masks come from the data (FH, ...).
+  d = c.odin = ml_collections.ConfigDict()
+  d.enabled = False
+  d.span_scale = 2.0             # spanning view side / view side (448/224)
+  d.num_clusters = 16            # K (Odin Table 6)
+  d.kmeans_iters = 10            # Lloyd iterations after k-means++ seeding
+  d.tau_update = "ema"           # 'ema': τ ← τ + λ_τ(θ - τ) every step;
+  d.ema_rate = 1e-3              #   'copy': τ ← θ every copy_every_epochs
+  d.copy_every_epochs = 100.0
+  d.image_every_steps = 200      # TensorBoard pictures of the masks
+
+  # R2O: k-means over region (superpixel) features of the target network,
+  # with K following the region-to-object curriculum (configs/r2o.py).
+  r = c.r2o = ml_collections.ConfigDict()
+  r.enabled = False
+  r.k_start = 128                # K(e) = k_end + (k_start - k_end)
+  r.k_end = 4                    #        * cos(pi/2 * e / E)
+  r.region_stage = "stage3"      # C4 features of the spanning view
+  r.group_size = 32              # images clustered jointly (per-device batch)
+  r.kmeans_iters = 10
   return c
 
 

@@ -12,6 +12,8 @@ from odin_jax.models import resnet
 
 MASK_METHODS = ("fh", "slic", "grid", "gt")
 FEATURE_STAGES = ("stage1", "stage2", "stage3", "stage4")
+FPN_STAGES = ("p2", "p3", "p4", "p5")
+ODIN_UPDATES = ("ema", "copy")
 
 
 class ConfigError(ValueError):
@@ -57,9 +59,40 @@ def validate(config) -> None:
            f"model.depth={config.model.depth}; choose one of "
            f"{sorted(resnet.STAGE_SIZES)}.")
   _require(config.model.width > 0, "model.width must be > 0.")
-  _require(config.model.feature_stage in FEATURE_STAGES,
-           f"model.feature_stage={config.model.feature_stage!r}; choose one "
-           f"of {FEATURE_STAGES}.")
+  stage = config.model.feature_stage
+  _require(stage in FEATURE_STAGES + FPN_STAGES,
+           f"model.feature_stage={stage!r}; choose one of "
+           f"{FEATURE_STAGES + FPN_STAGES}.")
+  _require(stage not in FPN_STAGES or config.model.fpn_channels > 0,
+           f"model.feature_stage={stage!r} is an FPN output: set "
+           "model.fpn_channels > 0 (256 in Odin).")
+  o = config.odin
+  if o.enabled:
+    _require(o.tau_update in ODIN_UPDATES, f"odin.tau_update={o.tau_update!r}; choose "
+             f"one of {ODIN_UPDATES}.")
+    _require(0.0 < o.ema_rate <= 1.0 and o.copy_every_epochs > 0,
+             "odin.ema_rate must be in (0, 1] and odin.copy_every_epochs > 0.")
+    _require(o.num_clusters >= 2 and o.kmeans_iters >= 1,
+             "odin.num_clusters must be >= 2 and odin.kmeans_iters >= 1.")
+    _require(o.span_scale >= 1.0, "odin.span_scale must be >= 1 (Odin: 2).")
+  r = config.r2o
+  if r.enabled:
+    _require(not o.enabled, "odin.enabled and r2o.enabled are exclusive: "
+             "each method discovers its own masks.")
+    _require(config.ema.enabled, "R2O needs the target network "
+             "(ema.enabled=True): its C4 features define the regions.")
+    _require(config.masks.method in ("slic", "fh", "grid"),
+             "r2o needs a region prior: masks.method 'slic' (paper), 'fh' "
+             "or 'grid'.")
+    _require(r.region_stage in FEATURE_STAGES,
+             f"r2o.region_stage={r.region_stage!r}; choose one of "
+             f"{FEATURE_STAGES} ('stage3' = C4 in the paper).")
+    _require(1 <= r.k_end <= r.k_start, "r2o needs 1 <= k_end <= k_start.")
+    _require(r.group_size >= 1 and config.batch_size % r.group_size == 0,
+             f"r2o.group_size={r.group_size} must divide batch_size="
+             f"{config.batch_size}; use the per-device batch as R2O does.")
+    _require(o.span_scale >= 1.0, "odin.span_scale (the spanning view's "
+             "scale, shared with R2O) must be >= 1.")
   _require(config.model.dtype in ("float32", "bfloat16", "float16"),
            f"model.dtype={config.model.dtype!r}; use 'float32' or "
            "'bfloat16'.")

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from odin_jax import losses, objects
 from odin_jax.discovery import kmeans as kmeans_lib
 from odin_jax.discovery import mapping
+from odin_jax.models import fpn as fpn_lib
 from odin_jax.models import resnet
 
 Batch = dict[str, jax.Array]
@@ -94,6 +95,26 @@ def discovery_rate_schedule(config, steps_per_epoch: int) -> Callable:
   return lambda step: jnp.where((step + 1) % period == 0, 1.0, 0.0)
 
 
+def region_clusters_schedule(config, total_steps: int) -> Callable:
+  """R2O's region-to-object curriculum K(step), an int32 scalar.
+
+  K(e) = k_end + (k_start - k_end) cos(π/2 · e/E): 128 regions-worth of
+  clusters at the start, 4 objects-worth at the end (R2O eq. A1).
+  """
+  r = config.r2o
+
+  def num_clusters(step):
+    progress = jnp.minimum(step / max(total_steps, 1), 1.0)
+    k = r.k_end + (r.k_start - r.k_end) * jnp.cos(0.5 * jnp.pi * progress)
+    return jnp.round(k).astype(jnp.int32)
+
+  return num_clusters
+
+
+def _unit(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def make_discover(config, model) -> Callable:
   """Odin's object discovery: spanning views -> K segments per image.
 
@@ -111,27 +132,88 @@ def make_discover(config, model) -> Callable:
                        train=True, method=model.dense_projection,
                        mutable=["batch_stats"])
     b, h, w, d = z.shape
-    z = z.reshape(b, h * w, d)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-    assign, _ = kmeans_lib.kmeans(z, o.num_clusters, key,
+    assign, _ = kmeans_lib.kmeans(_unit(z.reshape(b, h * w, d)),
+                                  o.num_clusters, key,
                                   num_iters=o.kmeans_iters)
     return jax.lax.stop_gradient(assign.reshape(b, h, w))
 
   return discover
 
 
-def discovered_view_masks(config, discover, discovery_params, batch_stats,
-                          batch: Batch, key) -> dict[str, jax.Array]:
-  """Discovered segments and their maps in both views (image resolution).
+def make_region_discover(config, model, num_clusters: Callable) -> Callable:
+  """R2O's mask prediction: superpixels -> clusters of region features.
 
-  Returns span_segments int32 [B, h, w] and mask1, mask2 int32 [B, S, S],
-  which replace the data's masks: downsample_segments then pools them on the
-  view's feature grid exactly like precomputed masks.
+  Returns discover(params, batch_stats, span, span_mask, step, key) ->
+  int32 [B, h, w] on the region_stage grid (C4: 14x14 at 224):
+    1. C4 features of the spanning view (target network, no gradient);
+    2. each superpixel (majority id per cell) pooled into one region vector,
+       L2-normalised;
+    3. k-means over the regions of each group of r2o.group_size images
+       jointly (R2O clusters each device's mini-batch), K = num_clusters(step)
+       of at most r2o.k_start clusters;
+    4. every cell takes its nearest centre (R2O §3.1), so the mask is
+       painted on the feature grid.
+  """
+  r = config.r2o
+
+  def discover(params, batch_stats, span, span_mask, step, key):
+    maps, _ = model.apply({"params": params, "batch_stats": batch_stats},
+                          span, train=True, method=model.feature_maps,
+                          mutable=["batch_stats"])
+    feats = maps[r.region_stage].astype(jnp.float32)          # [B,h,w,C]
+    b, h, w, c = feats.shape
+    cells = objects.downsample_segments(span_mask, (h, w))
+    unique, count = objects.unique_ids(cells)                   # [B, hw]
+    valid = jnp.arange(h * w)[None] < count[:, None]
+    regions = _unit(objects.pool_features(
+        feats, cells, jnp.where(valid, unique, -1)))            # [B, hw, C]
+    groups = b // r.group_size
+    points = regions.reshape(groups, r.group_size * h * w, c)
+    _, centres = kmeans_lib.kmeans(
+        points, r.k_start, key, num_iters=r.kmeans_iters,
+        valid=valid.reshape(groups, -1), num_active=num_clusters(step))
+    pixels = _unit(feats).reshape(groups, r.group_size * h * w, c)
+    nearest = kmeans_lib.nearest_centre(pixels, centres,
+                                        num_active=num_clusters(step))
+    return jax.lax.stop_gradient(nearest.reshape(b, h, w))
+
+  return discover
+
+
+def make_mask_discovery(config, model, discovery_rate=None,
+                        region_clusters=None) -> Callable | None:
+  """The masks Odin or R2O trains on, or None when they come from the data.
+
+  Returns found(state, batch, key) -> dict span_segments int32 [B, h, w]
+  (on the discovery grid) and mask1, mask2 int32 [B, S, S]: the segments
+  cropped, flipped and resized into each view, which then replace the
+  data's masks (downsample_segments pools them like precomputed masks).
   """
   size = config.image_size
-  span_segments = discover(discovery_params, batch_stats, batch["span"], key)
-  mask1, mask2 = mapping.views_from_span(span_segments, batch, (size, size))
-  return {"span_segments": span_segments, "mask1": mask1, "mask2": mask2}
+  if config.odin.enabled:
+    if discovery_rate is None:
+      raise ValueError("odin.enabled needs discovery_rate "
+                       "(step.discovery_rate_schedule).")
+    discover = make_discover(config, model)
+    segment = lambda state, batch, key: discover(
+        state.discovery_params, state.batch_stats, batch["span"], key)
+  elif config.r2o.enabled:
+    if region_clusters is None:
+      raise ValueError("r2o.enabled needs region_clusters "
+                       "(step.region_clusters_schedule).")
+    discover = make_region_discover(config, model, region_clusters)
+    segment = lambda state, batch, key: discover(
+        state.target_params, state.batch_stats, batch["span"],
+        batch["span_mask"], state.step, key)
+  else:
+    return None
+
+  def found(state, batch, key):
+    span_segments = segment(state, batch, key)
+    mask1, mask2 = mapping.views_from_span(span_segments, batch, (size, size))
+    return {"span_segments": span_segments, "mask1": mask1, "mask2": mask2}
+
+  return found
 
 
 def _exclude_bias_and_norm(params):
@@ -149,15 +231,11 @@ def make_optimizer(config, lr_schedule) -> optax.GradientTransformation:
       trust_ratio_mask=_exclude_bias_and_norm, momentum=o.momentum)
 
 
-# FPN outputs share the grid of the ResNet stage they are laterally fed by.
-_FPN_GRID = {"p2": "stage1", "p3": "stage2", "p4": "stage3", "p5": "stage4"}
-
-
 def feature_grid(config, image_size: int | None = None) -> tuple[int, int]:
   """Side of the hidden map h (7x7 for R50 stage4 at 224, 56x56 for 'p2')."""
   stage = config.model.feature_stage
   side = resnet.stage_grid(image_size or config.image_size,
-                           _FPN_GRID.get(stage, stage))
+                           fpn_lib.LEVEL_STAGE.get(stage, stage))
   return side, side
 
 
@@ -188,18 +266,15 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def make_train_step(config, model, tx, lr_schedule, ema_schedule,
-                    mesh=None, discovery_rate=None
+                    mesh=None, discovery_rate=None, region_clusters=None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns the (un-jitted) train step `(state, batch) -> (state, metrics)`.
 
-  discovery_rate: λ_τ schedule (discovery_rate_schedule); Odin only.
+  discovery_rate: λ_τ schedule (discovery_rate_schedule), Odin only;
+  region_clusters: K schedule (region_clusters_schedule), R2O only.
   """
-  discover = None
-  if config.odin.enabled:
-    if discovery_rate is None:
-      raise ValueError("odin.enabled needs discovery_rate "
-                       "(step.discovery_rate_schedule).")
-    discover = make_discover(config, model)
+  discover = make_mask_discovery(config, model, discovery_rate,
+                                 region_clusters)
   grid = feature_grid(config)
   num_masks = config.num_masks
   use_target = bool(config.ema.enabled)
@@ -251,9 +326,7 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     key = jax.random.fold_in(state.rng, state.step)
     extra = {}
     if discover is not None:
-      found = discovered_view_masks(config, discover, state.discovery_params,
-                                    state.batch_stats, batch,
-                                    jax.random.fold_in(key, 1))
+      found = discover(state, batch, jax.random.fold_in(key, 1))
       batch = dict(batch, mask1=found["mask1"], mask2=found["mask2"])
       extra["train/discovered_segments"] = _num_unique(found["span_segments"])
     batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")}
@@ -284,7 +357,9 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
       target_params = jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o,
                                    target_params, params)
     discovery_params = state.discovery_params
-    if discover is not None:   # τ ← τ + λ_τ (θ - τ), with the updated θ
+    if config.r2o.enabled:
+      extra["train/num_clusters"] = region_clusters(state.step)
+    if config.odin.enabled:   # τ ← τ + λ_τ (θ - τ), with the updated θ
       rate = discovery_rate(state.step)
       discovery_params = jax.tree.map(lambda t, o: t + rate * (o - t),
                                       discovery_params, params)

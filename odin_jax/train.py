@@ -14,10 +14,12 @@ import signal
 import threading
 
 import jax
+import numpy as np
 from absl import logging
 
 from odin_jax import checkpoint, config_check, reporting, sharding, step
 from odin_jax.data import pipeline, sources
+from odin_jax.evaluate import pictures
 from odin_jax.models import heads
 
 
@@ -70,7 +72,36 @@ def _check_finite(metrics: dict, step_number: int, mngr) -> None:
       "check the input data.")
 
 
-_SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay")
+_SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay",
+                     "train/discovery_rate", "train/num_clusters")
+# Batch entries the train step reads (Odin's only when present).
+_STEP_KEYS = ("view1", "view2", "mask1", "mask2", "span", "box1", "box2",
+              "flip1", "flip2", "span_mask")
+_NUM_PICTURES = 4
+
+
+def _discovery_preview(discover, replicated):
+  """jit(state, batch) -> the masks the step uses, for the first images.
+
+  Outputs are the first _NUM_PICTURES images' span_segments, mask1, mask2,
+  replicated so that every host can read them (process 0's local batch
+  starts with the same images).
+  """
+  def preview(state, batch):
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    found = discover(state, batch, key)
+    return {k: v[:_NUM_PICTURES] for k, v in found.items()}
+  return jax.jit(preview, out_shardings=replicated)
+
+
+def _write_discovery_pictures(writer, number: int, found, batch) -> None:
+  """TensorBoard 'discovery/masks': span | segments | masks in both views."""
+  found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
+  panels = [pictures.training_masks_panel(
+      batch["span"][i], found["span_segments"][i], batch["view1"][i],
+      found["mask1"][i], batch["view2"][i], found["mask2"][i])
+            for i in range(len(found["mask1"]))]
+  writer.write_images(number, {"discovery/masks": np.stack(panels)})
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
@@ -102,10 +133,19 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   state = checkpoint.restore_latest(mngr, state, config)
   start = int(jax.device_get(state.step))
 
+  schedules = {  # Odin's λ_τ and R2O's K, when the method has them
+      "discovery_rate": step.discovery_rate_schedule(
+          config, max(1, source.num_examples // config.batch_size)),
+      "region_clusters": step.region_clusters_schedule(config, total_steps)}
   train_step = jax.jit(
-      step.make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh),
+      step.make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh,
+                           **schedules),
       in_shardings=(replicated, sharding.batch_sharded(mesh)),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  discover = step.make_mask_discovery(config, model, **schedules)
+  preview = (_discovery_preview(discover, replicated)
+             if discover is not None else None)
+  image_every = config.odin.image_every_steps
 
   writer = reporting.create_writer(workdir)
   if start == 0:
@@ -152,7 +192,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
     for number in range(start + 1, total_steps + 1):
       batch = next(batches)
       device_batch = sharding.to_global(
-          mesh, {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")})
+          mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
+      if preview is not None and (number == start + 1 or
+                                  number % image_every == 0):
+        _write_discovery_pictures(writer, number, preview(state, device_batch),
+                                  batch)
       state, metrics = train_step(state, device_batch)
       if pending is not None:
         finish(pending)

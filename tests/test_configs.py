@@ -1,10 +1,11 @@
 """Every config and preset builds and validates; bad values fail clearly."""
 import pytest
 
-from configs import byol, common, detcon_b, detcon_s, simclr
+from configs import byol, common, detcon_b, detcon_s, odin, r2o, simclr
 from odin_jax import config_check
 
-METHODS = {"detcon_b": detcon_b, "detcon_s": detcon_s, "byol": byol, "simclr": simclr}
+METHODS = {"detcon_b": detcon_b, "detcon_s": detcon_s, "byol": byol,
+           "simclr": simclr, "odin": odin, "r2o": r2o}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -67,3 +68,29 @@ def test_unknown_field_on_the_command_line_is_rejected(tmp_path):
   assert proc.returncode != 0
   assert "batch_sise" in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_odin_and_r2o_paper_defaults():
+  o = odin.get_config()
+  assert o.odin.enabled and not o.r2o.enabled
+  assert (o.odin.num_clusters, o.odin.ema_rate, o.odin.span_scale) == (16, 1e-3, 2.0)
+  assert (o.model.fpn_channels, o.model.feature_stage) == (256, "p2")
+  r = r2o.get_config()
+  assert r.r2o.enabled and not r.odin.enabled and r.loss.name == "mask_byol"
+  assert (r.r2o.k_start, r.r2o.k_end, r.r2o.region_stage) == (128, 4, "stage3")
+  assert (r.masks.method, r.optimizer.base_learning_rate) == ("slic", 0.3)
+
+
+def test_bad_odin_and_r2o_fields_fail_clearly():
+  c = odin.get_config("test")
+  c.odin.tau_update = "sometimes"
+  with pytest.raises(config_check.ConfigError, match="odin.tau_update"):
+    config_check.validate(c)
+  c = odin.get_config("test")
+  c.model.fpn_channels = 0
+  with pytest.raises(config_check.ConfigError, match="fpn_channels"):
+    config_check.validate(c)
+  c = r2o.get_config("test")
+  c.r2o.group_size = 3
+  with pytest.raises(config_check.ConfigError, match="group_size"):
+    config_check.validate(c)

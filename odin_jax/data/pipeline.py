@@ -17,6 +17,13 @@ Each element of the dataset is a per-host batch (B = G / P):
   'mask1', 'mask2': int32   [B, S, S]   source segment ids through each view
   'index':          int64   [B]         global position p
   'example_id':     int64   [B]         source example id
+with config.odin.enabled also (spanning.two_views_with_span; span side
+odin.span_scale x S, 2S by default):
+  'span':           float32 [B, 2S, 2S, 3] un-augmented spanning view
+  'box1', 'box2':   float32 [B, 4]      view boxes in the span, (y0,x0,y1,x1)
+  'flip1', 'flip2': bool    [B]
+with config.r2o.enabled the same plus
+  'span_mask':      int32   [B, 2S, 2S] source segments on the spanning view
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from absl import logging
 import tensorflow as tf
 
 from odin_jax.data import augment
+from odin_jax.data import spanning
 
 # Distinct constants keep the shuffle and augmentation streams independent.
 _SHUFFLE_SALT = 0x5348_5546   # 'SHUF'
@@ -110,6 +118,10 @@ def make_train_dataset(config, source, *, global_batch_size: int,
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   local = g // num_hosts
   n = int(source.num_examples)
+  # Odin also needs the spanning view and the views' boxes in it.
+  make_views = (spanning.two_views_with_span
+                if config.odin.enabled or config.r2o.enabled
+                else augment.two_views)
   seed = int(config.seed)
 
   def position(counter):  # host-local counter -> global stream position
@@ -120,8 +132,8 @@ def make_train_dataset(config, source, *, global_batch_size: int,
     p = position(counter)
     example_id = example_id_at(p, n, seed)
     example = source.lookup(example_id)
-    out = augment.two_views(example["image"], example["segments"],
-                            augment_seed_at(p, seed), config)
+    out = make_views(example["image"], example["segments"],
+                     augment_seed_at(p, seed), config)
     out["index"] = p
     out["example_id"] = example_id
     return out

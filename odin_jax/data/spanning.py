@@ -143,14 +143,24 @@ def two_views_with_span(image, segments, seed, config):
                                        augmentation, never flipped);
       box1, box2    float32 [4]        view boxes (y0, x0, y1, x1) relative
                                        to the spanning view, in [0, 1];
-      flip1, flip2  bool []            whether each view was mirrored.
+      flip1, flip2  bool []            whether each view was mirrored;
+      span_mask     int32 [P, P]       (config.r2o.enabled only) the source
+                                       segments on the spanning view.
   """
   out = augment.two_views(image, segments, seed, config)
   shape = tf.shape(image)
   (box1, flip1), (box2, flip2) = view_geometry(seed, shape[0], shape[1],
                                                config)
   span_box = spanning_box(box1, box2)
-  out["span"] = spanning_view(image, span_box, span_size(config))
+  size = span_size(config)
+  out["span"] = spanning_view(image, span_box, size)
+  if "r2o" in config and config.r2o.enabled:
+    # R2O clusters the source segments (superpixels) of the spanning view.
+    y0, x0, h, w = span_box
+    seg = tf.slice(tf.cast(segments, tf.int32), tf.stack([y0, x0]),
+                   tf.stack([h, w]))
+    out["span_mask"] = tf.image.resize(seg[..., None], [size, size],
+                                       method="nearest")[..., 0]
   out["box1"] = relative_box(box1, span_box)
   out["box2"] = relative_box(box2, span_box)
   out["flip1"] = flip1

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from odin_jax import objects
+from odin_jax.models import fpn as fpn_lib
 from odin_jax.models import resnet
 
 
@@ -56,6 +57,7 @@ class ObjectNetwork(nn.Module):
   projector_dim: int = 256
   predictor_hidden: int = 4096   # 0: this network has no predictor
   feature_stage: str = "stage4"
+  fpn_channels: int = 0          # > 0: FPN on stages 1-4 ('p2'..'p5' maps)
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
 
@@ -63,15 +65,40 @@ class ObjectNetwork(nn.Module):
     self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                   zero_init_residual=self.zero_init_residual,
                                   dtype=self.dtype)
+    if self.fpn_channels:
+      # Only the level that is used gets an output conv: the others would
+      # be parameters that see weight decay and no gradient.
+      levels = ((self.feature_stage,) if self.feature_stage in fpn_lib.LEVELS
+                else fpn_lib.LEVELS)
+      self.fpn = fpn_lib.FPN(channels=self.fpn_channels, levels=levels,
+                             dtype=self.dtype)
     self.projector = MLP(self.projector_hidden, self.projector_dim,
                          dtype=self.dtype)
     if self.predictor_hidden:
       self.predictor = MLP(self.predictor_hidden, self.projector_dim,
                            dtype=self.dtype)
 
+  def feature_maps(self, images, train: bool = True) -> dict:
+    """ResNet stage maps, plus the FPN level(s) when the network has one."""
+    maps = self.backbone(images, train=train)
+    if self.fpn_channels:
+      maps = {**maps, **self.fpn(maps)}
+    return maps
+
+  def dense_projection(self, images, train: bool = True):
+    """g(h) at every cell of the hidden map: [B, S, S, 3] -> [B, h, w, P].
+
+    Odin's discovery network applies the projector to each hidden vector of
+    the map independently (then k-means segments the projections).
+    """
+    feature_map = self.feature_maps(images, train)[self.feature_stage]
+    b, h, w, c = feature_map.shape
+    z = self.projector(feature_map.reshape(b * h * w, c), train)
+    return z.reshape(b, h, w, -1).astype(jnp.float32)
+
   def __call__(self, images, cells, ids, train: bool = True,
                with_predictor: bool = True):
-    feature_map = self.backbone(images, train=train)[self.feature_stage]
+    feature_map = self.feature_maps(images, train)[self.feature_stage]
     hidden = objects.pool_features(feature_map.astype(jnp.float32), cells, ids)
     batch, num_masks, channels = hidden.shape
     z = self.projector(hidden.reshape(batch * num_masks, channels), train)
@@ -90,5 +117,6 @@ def from_config(config) -> ObjectNetwork:
   return ObjectNetwork(
       depth=m.depth, width=m.width, projector_hidden=m.projector_hidden,
       projector_dim=m.projector_dim, predictor_hidden=m.predictor_hidden,
-      feature_stage=m.feature_stage, zero_init_residual=m.zero_init_residual,
+      feature_stage=m.feature_stage, fpn_channels=m.fpn_channels,
+      zero_init_residual=m.zero_init_residual,
       dtype=jnp.dtype(m.dtype))

@@ -1,0 +1,30 @@
+"""Odin: object discovery and representation networks (Hénaff et al. 2022).
+
+DetCon-B's step, but the masks are discovered: a discovery network τ (the
+same ResNet + FPN + projector, its own parameters) embeds the un-augmented
+spanning view at twice the view resolution, k-means (K=16) segments each
+image's L2-normalised per-pixel projections, and the segments are cropped,
+flipped and resized into both views. τ follows θ continuously (λ_τ = 1e-3)
+or by copies every `odin.copy_every_epochs` (`--config.odin.tau_update=copy`).
+The hidden map h is the FPN's stride-4 output 'p2'.
+
+  python -m odin_jax.main --config=configs/odin.py --workdir=DIR
+  python -m odin_jax.main --config=configs/odin.py:demo --workdir=DIR
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.base_config("odin")
+  c.odin.enabled = True
+  c.model.fpn_channels = 256
+  c.model.feature_stage = "p2"
+  # The data's masks are not used (Odin discovers its own); a 1x1 grid costs
+  # nothing to compute.
+  c.masks.method = "grid"
+  c.masks.grid_size = 1
+  c = common.apply_preset(c, arg)
+  if c.dataset.name == "demo":     # demo / test presets: a small FPN
+    c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
+    c.odin.image_every_steps = 50
+  return c
