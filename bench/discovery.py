@@ -2,6 +2,7 @@
 
   python bench/discovery.py             # 32 images, 56x56 cells, D=128, K=16
   python bench/discovery.py --size=112  # Odin: 448 px spanning view, stride 4
+  python bench/discovery.py --skip_kmeans   # only the step-time ratios
 
 The data imitate the discovery network's output: per image, a random number
 of Voronoi regions on the size x size grid, each with its own direction in
@@ -21,6 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # step_time
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -138,9 +140,56 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--sklearn_threads", type=int, default=1,
                  help="OpenMP/BLAS threads for scikit-learn (0: its default)")
+  p.add_argument("--skip_kmeans", action="store_true")
+  p.add_argument("--skip_steps", action="store_true")
+  p.add_argument("--step_batch", type=int, default=16)
+  p.add_argument("--step_image_size", type=int, default=96)
   args = p.parse_args()
-  bench_kmeans(args.batch, args.size, args.dim, args.clusters, args.iters,
-               args.repeats, args.sklearn_threads or None)
+  if not args.skip_kmeans:
+    bench_kmeans(args.batch, args.size, args.dim, args.clusters, args.iters,
+                 args.repeats, args.sklearn_threads or None)
+  if not args.skip_steps:
+    bench_steps(args.step_batch, args.step_image_size)
+
+
+def bench_steps(batch: int, image_size: int) -> dict:
+  """Step-time ratios of Odin against DetCon-B, measured in one run.
+
+  All on ResNet-18 x0.5 at the given view size and batch:
+    detcon_b        DetCon-B, stage-4 features (the foundation's step);
+    detcon_b_fpn    DetCon-B with the FPN and stride-4 'p2' features, masks
+                    from the data: exactly Odin's step when its masks are
+                    cached (odin.tau_update='copy' with a mask refresh), so
+                    Odin-cached / DetCon-B(FPN) is this step's ratio, 1.0;
+    odin            Odin with continuous τ: + the discovery network on the
+                    2x spanning view and k-means (K=16) every step;
+    r2o             R2O: + target C4 on the spanning view, region k-means.
+  Goals (issue): Odin-continuous / DetCon-B <= 1.6, Odin-cached / DetCon-B
+  with the same FPN backbone <= 1.05.
+  """
+  import step_time  # pylint: disable=g-import-not-at-top
+  from configs import detcon_b, odin, r2o  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(depth=18, width=0.5, image_size=image_size,
+                            batch=batch, steps=5, warmup=2)
+  fpn = step_time.bench_config(detcon_b, args)
+  fpn.model.fpn_channels = odin.get_config("demo").model.fpn_channels
+  fpn.model.feature_stage = "p2"
+  configs = {"detcon_b": step_time.bench_config(detcon_b, args),
+             "detcon_b_fpn": fpn,
+             "odin": step_time.bench_config(odin, args),
+             "r2o": step_time.bench_config(r2o, args)}
+  configs["r2o"].r2o.group_size = batch // 2
+  t = {name: step_time.time_config(c, args) for name, c in configs.items()}
+  print(f"\nstep time, ResNet-18 x0.5, {image_size}px views, batch {batch} "
+        f"({jax.devices()[0].platform} x{jax.device_count()}, median of 5):")
+  rows = (("detcon_b", "detcon_b"), ("detcon_b_fpn", "detcon_b"),
+          ("odin", "detcon_b"), ("odin", "detcon_b_fpn"),
+          ("r2o", "detcon_b"))
+  for name, base in rows:
+    print(f"  {name:13s} {1000 * t[name]:9.1f} ms  {t[name] / t[base]:6.3f} x {base}")
+  print("  odin (cached masks) runs the detcon_b_fpn step: 1.000 x detcon_b_fpn"
+        " (+ the refresh job once per copy period)")
+  return t
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from odin_jax import sharding, step  # noqa: E402
 from odin_jax.models import heads  # noqa: E402
 
 
-def time_method(module, args):
+def bench_config(module, args):
+  """module's demo config resized to the benchmark's network and batch."""
   c = module.get_config("demo")
   c.model.depth, c.model.width = args.depth, args.width
   c.image_size, c.batch_size = args.image_size, args.batch
@@ -29,21 +30,44 @@ def time_method(module, args):
     c.model.projector_dim = 256
     if c.model.predictor_hidden:
       c.model.predictor_hidden = 4096
+  return c
+
+
+def synthetic_batch(c, rng):
+  """Random views and blocky masks [B, S, S]; spanning-view keys for Odin."""
+  b, s = c.batch_size, c.image_size
+  seg = np.kron(rng.integers(0, 40, (2, b, s // 8, s // 8)), np.ones((8, 8), np.int64))
+  batch = {"view1": rng.random((b, s, s, 3), np.float32),
+           "view2": rng.random((b, s, s, 3), np.float32),
+           "mask1": seg[0].astype(np.int32), "mask2": seg[1].astype(np.int32)}
+  if c.odin.enabled or c.r2o.enabled:
+    p = int(round(c.odin.span_scale * s))
+    lo = rng.random((2, b, 2)) * 0.4
+    batch.update({
+        "span": rng.random((b, p, p, 3), np.float32),
+        "box1": np.concatenate([lo[0], lo[0] + 0.6], -1).astype(np.float32),
+        "box2": np.concatenate([lo[1], lo[1] + 0.6], -1).astype(np.float32),
+        "flip1": rng.random(b) < 0.5, "flip2": rng.random(b) < 0.5,
+        "span_mask": np.kron(rng.integers(0, 60, (b, p // 8, p // 8)),
+                             np.ones((8, 8), np.int64)).astype(np.int32)})
+  return batch
+
+
+def time_config(c, args):
+  """Median wall time of one jitted, blocked train step of config c."""
   model = heads.from_config(c)
   lr = step.learning_rate_schedule(c, 1000, 10)
   tx = step.make_optimizer(c, lr)
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
   state = jax.device_put(step.create_train_state(c, model, tx, jax.random.PRNGKey(0)), rep)
-  fn = jax.jit(step.make_train_step(c, model, tx, lr, step.ema_decay_schedule(c, 1000), mesh),
+  fn = jax.jit(step.make_train_step(
+      c, model, tx, lr, step.ema_decay_schedule(c, 1000), mesh,
+      discovery_rate=step.discovery_rate_schedule(c, 100),
+      region_clusters=step.region_clusters_schedule(c, 1000)),
                in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep),
                donate_argnums=(0,))
-  rng = np.random.default_rng(0)
-  b, s = c.batch_size, c.image_size
-  seg = np.kron(rng.integers(0, 40, (2, b, s // 8, s // 8)), np.ones((8, 8), np.int64))
-  batch = sharding.to_global(mesh, {
-      "view1": rng.random((b, s, s, 3), np.float32), "view2": rng.random((b, s, s, 3), np.float32),
-      "mask1": seg[0].astype(np.int32), "mask2": seg[1].astype(np.int32)})
+  batch = sharding.to_global(mesh, synthetic_batch(c, np.random.default_rng(0)))
   for _ in range(args.warmup):
     state, m = fn(state, batch)
     jax.block_until_ready(m)
@@ -56,7 +80,11 @@ def time_method(module, args):
   return float(np.median(times))
 
 
-def main():
+def time_method(module, args):
+  return time_config(bench_config(module, args), args)
+
+
+def parse_args():
   p = argparse.ArgumentParser()
   p.add_argument("--depth", type=int, default=18)
   p.add_argument("--width", type=float, default=0.5)
@@ -64,7 +92,11 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
-  args = p.parse_args()
+  return p.parse_args()
+
+
+def main():
+  args = parse_args()
   methods = {"byol": byol, "detcon_b": detcon_b, "simclr": simclr, "detcon_s": detcon_s}
   t = {name: time_method(mod, args) for name, mod in methods.items()}
   print(f"\n{jax.devices()[0].platform} x{jax.device_count()}, ResNet-{args.depth} "
