@@ -18,11 +18,17 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "pillow>=10",
     "scipy>=1.11",
+    # Random-access record files for precomputed masks (also used by TFDS).
+    "array-record>=0.8",
 ]
 
 EXTRAS = {
     "tpu": ["jax[tpu]>=0.7.0,<0.12"],
     "cuda": ["jax[cuda12]>=0.7.0,<0.12"],
+    # Mask precompute on Dataflow/Flink/Spark. Beam needs protobuf < 7 (and
+    # pillow < 13 from 2.72), so it may downgrade them: install it in its
+    # own environment if that matters.
+    "beam": ["apache-beam>=2.60,<3"],
     # scikit-learn: the independent k-means the tests compare against.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
 }

@@ -45,6 +45,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.folder = ml_collections.FieldReference(None, field_type=str)
   c.dataset.cache_dir = ml_collections.FieldReference(None, field_type=str)
+  # Precomputed images + masks (python -m odin_jax.data.precompute); when
+  # set, training reads them instead of computing masks on the fly.
+  c.dataset.records_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.demo_num_scenes = 256
   c.dataset.demo_image_size = 128
 
@@ -53,6 +56,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.masks.fh_scale = 1000.0
   c.masks.fh_sigma = 0.8
   c.masks.fh_min_size = 1000
+  c.masks.fh_scales = ()         # several FH scales in the records (min size
+                                 # = scale): one is picked per example
   c.masks.slic_n_segments = 64
   c.masks.slic_compactness = 10.0
   c.masks.grid_size = 5
@@ -134,6 +139,7 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
   if preset == "coco":
     c.dataset.name = "coco/2017"
     c.masks.fh_scale, c.masks.fh_min_size = 1000.0, 1000
+    c.masks.fh_scales = (500.0, 1000.0, 1500.0)   # DetCon on COCO
   elif preset in ("demo", "test"):
     c.dataset.name = "demo"
     if c.masks.method == "fh":   # small images need small FH regions

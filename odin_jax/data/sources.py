@@ -12,7 +12,9 @@ H and W may differ between examples. Sources:
   DemoSource    the embedded demo scenes (demo.load_demo + demo_segments);
   FolderSource  every image file under a folder, segments computed on the fly;
   TfdsSource    a prepared TFDS dataset in ArrayRecord format (random access),
-                segments computed on the fly.
+                segments computed on the fly;
+  RecordSource  (records.py) images and masks written once by
+                `python -m odin_jax.data.precompute` (dataset.records_dir).
 `make_source(config)` picks one from config.dataset.name.
 """
 
@@ -237,6 +239,9 @@ def make_source(config) -> Source:
   from odin_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.hide_accelerators_from_tf()
   d = config.dataset
+  if d.get("records_dir"):   # precomputed images + masks (data/precompute.py)
+    from odin_jax.data import records  # pylint: disable=g-import-not-at-top
+    return records.RecordSource.from_config(config)
   name = d.name
   if not name:
     raise ValueError(f"config.dataset.name is empty: choose one of {_BUILTIN} "
