@@ -120,6 +120,31 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   r.region_stage = "stage3"      # C4 features of the spanning view
   r.group_size = 32              # images clustered jointly (per-device batch)
   r.kmeans_iters = 10
+
+  # Evaluation (python -m odin_jax.evaluate, and every eval.every_steps
+  # during training). Demo scenes unless a TFDS dataset is named.
+  e = c.eval = ml_collections.ConfigDict()
+  e.every_steps = 0                  # 0: no periodic evaluation
+  e.periodic = ("discovery", "pictures")
+  e.evals = ("discovery", "instances", "video", "linear_probe", "knn",
+             "pictures")
+  e.feature = "auto"                 # 'projection' with an FPN, else 'stage3'
+  e.image_size = 256                 # eval resolution of the 128-px scenes
+  e.batch_size = 16
+  e.seed = 0
+  e.demo_seed = 1                    # held-out scenes (training uses seed 0)
+  e.num_images = 32
+  e.discovery_ks = (1, 2, 4, 8, 16, 32, 64, 128)   # Odin App. A.4: 255 masks
+  e.mask_baselines = ("fh", "slic", "grid")
+  e.spectral_ks = (2, 3, 4, 5)
+  e.spectral_max_cells = 1024
+  e.video_clips, e.video_frames, e.video_objects = 4, 8, 2
+  e.probe_train_images, e.probe_test_images, e.probe_steps = 96, 32, 300
+  e.picture_images, e.picture_k = 4, 8
+  e.tfds_discovery = ""              # e.g. 'coco/2017_panoptic' when prepared
+  e.tfds_video = ""                  # e.g. 'davis/480p' when prepared
+  e.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+  e.tfds_num_images, e.tfds_num_videos, e.tfds_image_size = 500, 30, 256
   return c
 
 
@@ -160,6 +185,7 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.optimizer.base_learning_rate = 3.0 * 256 / c.batch_size
       c.total_steps = 200
       c.checkpoint_every_steps = 100
+      c.eval.every_steps = 100
       c.dataset.demo_num_scenes = 256
     else:
       c.image_size = 80
@@ -172,6 +198,11 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.dataset.demo_image_size = 96
       c.model.projector_hidden = 32
       c.model.projector_dim = 16
+      c.eval.num_images, c.eval.batch_size = 4, 4
+      c.eval.discovery_ks = (1, 2, 4)
+      c.eval.video_clips, c.eval.video_frames = 1, 4
+      c.eval.probe_train_images, c.eval.probe_test_images = 6, 4
+      c.eval.probe_steps = 20
     if c.model.predictor_hidden:
       c.model.predictor_hidden = c.model.projector_hidden
   return c

@@ -19,7 +19,7 @@ from absl import logging
 # Fields that may change between a run and its resumption without
 # invalidating the checkpoint (logging, schedules of saving, block mode).
 _MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "max_to_keep",
-                   "block_every_step", "total_steps", "num_epochs")
+                   "block_every_step", "total_steps", "num_epochs", "eval")
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:

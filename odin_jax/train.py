@@ -19,7 +19,7 @@ from absl import logging
 
 from odin_jax import checkpoint, config_check, reporting, sharding, step
 from odin_jax.data import pipeline, sources
-from odin_jax.evaluate import pictures
+from odin_jax.evaluate import pictures, runner
 from odin_jax.models import heads
 
 
@@ -193,6 +193,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       batch = next(batches)
       device_batch = sharding.to_global(
           mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
+      if config.eval.every_steps and (number - 1) % config.eval.every_steps == 0:
+        # Before the step, which donates the state: features of the
+        # parameters after `number - 1` steps (step 0 = random init).
+        runner.evaluate(config, workdir, params=state.params,
+                        batch_stats=state.batch_stats, step=number - 1,
+                        which="periodic", writer=writer)
       if preview is not None and (number == start + 1 or
                                   number % image_every == 0):
         _write_discovery_pictures(writer, number, preview(state, device_batch),
@@ -217,6 +223,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
         break
     if pending is not None:
       finish(pending)
+  final = int(jax.device_get(state.step))
+  if (config.eval.every_steps and final == total_steps
+      and final % config.eval.every_steps == 0):
+    runner.evaluate(config, workdir, params=state.params,
+                    batch_stats=state.batch_stats, step=final,
+                    which="periodic", writer=writer)
   mngr.wait_until_finished()
   writer.flush()
   return state

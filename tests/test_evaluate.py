@@ -1,0 +1,264 @@
+"""The evaluation runner and `python -m odin_jax.evaluate` on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import detcon_b
+from odin_jax import checkpoint, step
+from odin_jax.evaluate import runner
+from odin_jax.models import heads
+
+# Small everything: 4 scenes, a 4x4 stage4 grid (96-px test scenes resized
+# to 128), one short clip.
+_SMALL = {"num_images": 4, "probe_train_images": 6, "probe_test_images": 4,
+          "probe_steps": 50, "video_clips": 1, "video_frames": 4,
+          "picture_images": 2, "discovery_ks": (1, 2, 4, 8),
+          "spectral_ks": (2, 3), "image_size": 128, "batch_size": 8}
+
+
+def _config():
+  config = detcon_b.get_config("test")
+  config.total_steps = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A workdir with a step-2 DetCon-B checkpoint, as train.py writes it.
+
+  The state is `step.create_train_state`'s with the config's optimizer,
+  saved by `checkpoint.save` (train.py's writer); the online parameters are
+  perturbed so that they differ from the initialisation and from the
+  target. Training two real steps instead costs ~100 s of XLA compilation
+  on 2 CPU cores; test_train.py covers training.
+  """
+  config = _config()
+  model = heads.from_config(config)
+  tx = step.make_optimizer(config, step.learning_rate_schedule(config, 2, 0))
+  rng = jax.random.PRNGKey(config.seed)
+  init = jax.jit(lambda r: step.create_train_state(config, model, tx, r))
+  options = runner._INIT_COMPILER_OPTIONS  # pylint: disable=protected-access
+  state = init.lower(rng).compile(compiler_options=options)(rng)
+  noise = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: np.asarray(x) + 0.3 * np.std(x) * noise.standard_normal(
+          x.shape).astype(np.float32), state.params)
+  state = state.replace(step=jnp.asarray(2, jnp.int32), params=params)
+  workdir = tmp_path_factory.mktemp("run")
+  mngr = checkpoint.manager(str(workdir), config.max_to_keep)
+  checkpoint.save(mngr, state, config)
+  mngr.wait_until_finished()
+  mngr.close()
+  return workdir
+
+
+def _in_unit_interval(metrics: dict) -> None:
+  assert metrics
+  for name, value in metrics.items():
+    assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, value)
+
+
+def test_cli_end_to_end(run_dir, tmp_path):
+  """One command: every evaluation, JSON + PNG + table, finite metrics;
+  TFDS datasets that are not prepared are skipped with a message."""
+  sets = [f"--set={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+          for k, v in _SMALL.items()]
+  sets += ["--set=tfds_discovery=coco/2017_panoptic",
+           "--set=tfds_video=davis/480p", f"--set=tfds_data_dir={tmp_path}"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "odin_jax.evaluate",
+       "--config=configs/detcon_b.py:test", f"--workdir={run_dir}", *sets],
+      capture_output=True, text=True, env=dict(os.environ), timeout=600,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "discovery/abo_instance" in proc.stdout  # the printed table
+  for name in ("coco/2017_panoptic", "davis/480p"):
+    assert f"TFDS '{name}' is not prepared" in proc.stderr
+
+  with open(run_dir / "eval" / "results_step_2.json", encoding="utf-8") as f:
+    record = json.load(f)
+  assert record["step"] == 2 and record["source"] == "checkpoint"
+  metrics = record["metrics"]
+  for name in ("discovery/abo_instance", "discovery/abo_class",
+               "discovery/or_instance", "discovery/fh/abo_instance",
+               "discovery/slic/abo_instance", "discovery/grid/abo_instance",
+               "instances/recall_all", "video/J_mean", "video/F_mean",
+               "video/JF_mean", "linear_probe/miou", "knn/accuracy"):
+    assert name in metrics, name
+  _in_unit_interval(metrics)
+  info = record["info"]
+  assert not any(k.startswith(("coco/", "davis/")) for k in metrics)
+  # feature 'auto' = stage3 (no FPN): 96-px scenes resized to 128 -> 8x8.
+  assert info["discovery/grid"] == [8, 8]
+  assert info["discovery/ks"] == [1, 2, 4, 8]
+  assert info["discovery/num_images"] == 4
+  png = Image.open(record["pictures"]["discovery"])
+  # Two rows of image | gt | segments | PCA at the 96-px demo resolution.
+  assert png.size == (4 * 96, 2 * 96 + 2)
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(run_dir))
+
+
+class _Writer:
+  """Records what `evaluate` writes (a CLU MetricWriter's interface)."""
+
+  def __init__(self):
+    self.scalars, self.images = {}, {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = dict(scalars)
+
+  def write_images(self, step, images):
+    self.images[step] = {k: np.asarray(v) for k, v in images.items()}
+
+  def flush(self):
+    pass
+
+
+def test_in_memory_params_match_checkpoint_and_feed_writer(run_dir):
+  """The training loop's call (in-memory params, a writer) gives the
+  checkpoint's numbers at that step."""
+  config = _config()
+  which = ("discovery", "pictures")
+  from_ckpt = runner.evaluate(config, str(run_dir), which=which,
+                              overrides=_SMALL)
+  params, batch_stats, step = runner.load_params(config, str(run_dir))
+  assert step == 2
+  writer = _Writer()
+  in_memory = runner.evaluate(config, str(run_dir / "live"), params=params,
+                              batch_stats=batch_stats, step=7, which=which,
+                              writer=writer, overrides=_SMALL)
+  assert in_memory == from_ckpt
+  assert writer.scalars[7]["eval/discovery/abo_instance"] == \
+      in_memory["discovery/abo_instance"]
+  assert writer.images[7]["eval/discovery"].shape == (1, 2 * 96 + 2, 4 * 96,
+                                                      3)
+  assert (run_dir / "live" / "eval" / "results_step_7.json").is_file()
+  assert (run_dir / "live" / "eval" / "step_7" / "discovery.png").is_file()
+
+
+def test_random_init_and_mask_sources(run_dir):
+  config = _config()
+  random = runner.evaluate(config, str(run_dir), source="random",
+                           which=("discovery",), overrides=_SMALL)
+  _in_unit_interval(random)
+  trained = runner.evaluate(config, str(run_dir), which=("discovery",),
+                            overrides=_SMALL)
+  # Different networks, same scenes and mask baselines.
+  assert random["discovery/abo_instance"] != trained["discovery/abo_instance"]
+  assert random["discovery/fh/abo_instance"] == \
+      trained["discovery/fh/abo_instance"]
+  assert (run_dir / "eval" / "results_random.json").is_file()
+
+  fh = runner.evaluate(config, str(run_dir), source="masks:fh",
+                       which=("discovery", "video", "pictures"),
+                       overrides=_SMALL)
+  # A mask set scored as the proposals = the same set as a baseline.
+  assert fh["discovery/abo_instance"] == trained["discovery/fh/abo_instance"]
+  assert not any(k.startswith("video/") for k in fh)  # no features: skipped
+  with open(run_dir / "eval" / "results_masks_fh.json",
+            encoding="utf-8") as f:
+    assert "video/skipped" in json.load(f)["info"]
+
+
+def test_ground_truth_masks_are_perfect_proposals(run_dir):
+  gt = runner.evaluate(_config(), str(run_dir), source="masks:gt",
+                       which=("discovery",), overrides=_SMALL)
+  assert gt["discovery/abo_instance"] == 1.0
+  assert gt["discovery/or_instance"] == 1.0
+  grid = runner.evaluate(_config(), str(run_dir), source="masks:grid",
+                         which=("discovery",), overrides=_SMALL)
+  assert grid["discovery/abo_instance"] < 0.9
+
+
+def test_load_params_errors(run_dir, tmp_path):
+  config = _config()
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    runner.load_params(config, str(tmp_path))
+  with pytest.raises(ValueError, match="available: \\[2\\]"):
+    runner.load_params(config, str(run_dir), step=5)
+  wider = _config()
+  wider.model.width = 0.25
+  with pytest.raises(ValueError, match="do not fit the network"):
+    runner.load_params(wider, str(run_dir))
+  with pytest.raises(ValueError, match="has no 'discovery_params'"):
+    runner.load_params(config, str(run_dir), params_key="discovery_params")
+  target, _, _ = runner.load_params(config, str(run_dir),
+                                    params_key="target_params")
+  online, _, _ = runner.load_params(config, str(run_dir))
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(target), jax.tree.leaves(online)))
+
+
+def test_settings_and_helpers():
+  config = _config()
+  with pytest.raises(ValueError, match="Unknown eval setting"):
+    runner.settings_from_config(config, num_imgs=3)
+  parsed = runner.parse_overrides(["discovery_ks=1,2,4", "image_size=64",
+                                   "feature=stage3", "tfds_data_dir=None"])
+  assert parsed == {"discovery_ks": (1, 2, 4), "image_size": 64,
+                    "feature": "stage3", "tfds_data_dir": None}
+  settings = runner.settings_from_config(config, **parsed)
+  assert settings.discovery_ks == (1, 2, 4)
+  assert settings.num_images == config.eval.num_images  # from config.eval
+  with pytest.raises(ValueError, match="Unknown evaluations"):
+    runner.evaluate(config, "/nonexistent", which="discovry")
+
+  classes = np.zeros((3, 4, 4), np.int32)
+  classes[0, :2] = 2       # class 2: 8 px
+  classes[0, 3, :3] = 5    # class 5: 3 px
+  classes[1, :, :1] = 1
+  classes[1, :, 1:3] = 4
+  np.testing.assert_array_equal(runner.dominant_class(classes), [2, 4, 0])
+
+  feats = np.arange(8 * 8 * 2, dtype=np.float32).reshape(8, 8, 2)
+  pool_cells = runner._pool_cells  # pylint: disable=protected-access
+  pooled = pool_cells(feats, 16)
+  assert pooled.shape == (4, 4, 2)
+  np.testing.assert_allclose(pooled[0, 0], feats[:2, :2].mean((0, 1)))
+  assert pool_cells(feats, 64) is feats
+
+
+def test_coco_panoptic_instances():
+  """Thing instances from a panoptic id image; crowd and stuff dropped."""
+  ids = np.zeros((4, 6), np.int64)
+  ids[:2, :3] = 5           # thing, label 0
+  ids[2:, :3] = 300         # crowd thing
+  ids[:, 3:5] = 70000       # thing, label 79
+  ids[:, 5] = 9             # stuff (label 80)
+  pan = np.stack([ids % 256, (ids // 256) % 256, ids // 65536], -1)
+  example = {"panoptic_image": pan.astype(np.uint8),
+             "panoptic_objects": {"id": np.array([5, 300, 70000, 9]),
+                                  "label": np.array([0, 3, 79, 80]),
+                                  "is_crowd": np.array([False, True, False,
+                                                        False])}}
+  inst, cls = runner.coco_panoptic_instances(example)
+  expected_inst = np.zeros((4, 6), np.int32)
+  expected_inst[:2, :3] = 1
+  expected_inst[:, 3:5] = 2
+  np.testing.assert_array_equal(inst, expected_inst)
+  np.testing.assert_array_equal(cls, np.where(expected_inst == 1, 1,
+                                              np.where(expected_inst == 2,
+                                                       80, 0)))
+
+
+def test_periodic_eval_during_training(tmp_path):
+  from configs import detcon_b
+  from odin_jax import train
+  config = detcon_b.get_config("test")
+  config.total_steps, config.eval.every_steps = 2, 2
+  train.train_and_evaluate(config, str(tmp_path))
+  for s in (0, 2):   # before the first step and at the end
+    path = tmp_path / "eval" / f"results_step_{s}.json"
+    assert path.exists(), sorted(os.listdir(tmp_path / "eval"))
