@@ -102,6 +102,21 @@ def sample_geometry(seed, height, width, config):
   return box, flip
 
 
+def crop_resize_image(image, box, size: int):
+  """image cropped to box (y0, x0, h, w) and resized bicubic to [S, S, 3].
+
+  uint8 input is scaled by 1/255; the output is float32 clipped to [0, 1].
+  """
+  y0, x0, h, w = [tf.cast(v, tf.int32) for v in box]
+  crop = tf.slice(image, tf.stack([y0, x0, 0]), tf.stack([h, w, 3]))
+  if crop.dtype == tf.uint8:
+    crop = tf.cast(crop, tf.float32) / 255.0
+  else:
+    crop = tf.cast(crop, tf.float32)
+  out = tf.image.resize(crop, [size, size], method="bicubic")
+  return tf.clip_by_value(out, 0.0, 1.0)
+
+
 def crop_resize_flip(image, segments, box, flip, size: int):
   """Crops image and segments to box, resizes to size x size, maybe flips.
 
@@ -116,13 +131,7 @@ def crop_resize_flip(image, segments, box, flip, size: int):
     (nearest neighbour, same half-pixel sampling grid as the image).
   """
   y0, x0, h, w = box
-  crop = tf.slice(image, tf.stack([y0, x0, 0]), tf.stack([h, w, 3]))
-  if crop.dtype == tf.uint8:
-    crop = tf.cast(crop, tf.float32) / 255.0
-  else:
-    crop = tf.cast(crop, tf.float32)
-  view = tf.image.resize(crop, [size, size], method="bicubic")
-  view = tf.clip_by_value(view, 0.0, 1.0)
+  view = crop_resize_image(image, box, size)
   seg = tf.slice(tf.cast(segments, tf.int32), tf.stack([y0, x0]),
                  tf.stack([h, w]))
   mask = tf.image.resize(seg[..., None], [size, size], method="nearest")[..., 0]

@@ -59,14 +59,7 @@ def spanning_view(image, box, size: int):
   Returns:
     float32 [size, size, 3] in [0, 1].
   """
-  y0, x0, h, w = [tf.cast(v, tf.int32) for v in box]
-  crop = tf.slice(image, tf.stack([y0, x0, 0]), tf.stack([h, w, 3]))
-  if crop.dtype == tf.uint8:
-    crop = tf.cast(crop, tf.float32) / 255.0
-  else:
-    crop = tf.cast(crop, tf.float32)
-  span = tf.image.resize(crop, [size, size], method="bicubic")
-  span = tf.clip_by_value(span, 0.0, 1.0)
+  span = augment.crop_resize_image(image, box, size)
   span.set_shape([size, size, 3])
   return span
 
