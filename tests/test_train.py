@@ -46,7 +46,7 @@ def _run_main(workdir, *flags):
 
 def test_kill9_and_resume_equals_uninterrupted(tmp_path):
   """A run SIGKILLed mid-training resumes to the uninterrupted run's numbers."""
-  steps, every = 40, 4
+  steps, every = 24, 4
   config = _config(detcon_b, steps=steps)
   config.checkpoint_every_steps = every
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
