@@ -27,4 +27,7 @@ def get_config(arg=None):
   if c.dataset.name == "demo":     # demo / test presets: a small FPN
     c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
     c.odin.image_every_steps = 50
+    # Periodic evaluation (~50 s a call here, mostly compiling) would push
+    # the demo past 5 minutes: --config.eval.every_steps=100 turns it on.
+    c.eval.every_steps = 0
   return c

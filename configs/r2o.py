@@ -28,4 +28,5 @@ def get_config(arg=None):
     c.odin.span_scale = 2.0                 # C4 of 96 px is only 6x6
     c.masks.slic_n_segments = 64
     c.r2o.group_size = c.batch_size // 2
+    c.eval.every_steps = 0   # as in odin.py's demo: keep it within minutes
   return c
