@@ -180,6 +180,16 @@ def make_region_discover(config, model, num_clusters: Callable) -> Callable:
   return discover
 
 
+def step_key(state: TrainState) -> jax.Array:
+  """The PRNG key of the step `state` is about to take."""
+  return jax.random.fold_in(state.rng, state.step)
+
+
+def discovery_key(state: TrainState) -> jax.Array:
+  """The k-means key of this step's mask discovery (step and pictures)."""
+  return jax.random.fold_in(step_key(state), 1)
+
+
 def make_mask_discovery(config, model, discovery_rate=None,
                         region_clusters=None) -> Callable | None:
   """The masks Odin or R2O trains on, or None when they come from the data.
@@ -323,10 +333,10 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
   grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
-    key = jax.random.fold_in(state.rng, state.step)
+    key = step_key(state)
     extra = {}
     if discover is not None:
-      found = discover(state, batch, jax.random.fold_in(key, 1))
+      found = discover(state, batch, discovery_key(state))
       batch = dict(batch, mask1=found["mask1"], mask2=found["mask2"])
       extra["train/discovered_segments"] = _num_unique(found["span_segments"])
     batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")}

@@ -88,8 +88,7 @@ def _discovery_preview(discover, replicated):
   starts with the same images).
   """
   def preview(state, batch):
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    found = discover(state, batch, key)
+    found = discover(state, batch, step.discovery_key(state))
     return {k: v[:_NUM_PICTURES] for k, v in found.items()}
   return jax.jit(preview, out_shardings=replicated)
 
@@ -169,6 +168,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   pending = None   # (step number, metrics on device) not yet checked
   interval = reporting.IntervalMean()
 
+  def periodic_eval(state, number: int):
+    """config.eval's periodic set on `state`, every eval.every_steps steps."""
+    every = config.eval.every_steps
+    if every and number % every == 0:
+      runner.evaluate(config, workdir, params=state.params,
+                      batch_stats=state.batch_stats, step=number,
+                      which="periodic", writer=writer)
+
   def finish(pending):
     """Fetches, checks and (periodically) writes one step's metrics."""
     number, device_metrics = pending
@@ -193,12 +200,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       batch = next(batches)
       device_batch = sharding.to_global(
           mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
-      if config.eval.every_steps and (number - 1) % config.eval.every_steps == 0:
-        # Before the step, which donates the state: features of the
-        # parameters after `number - 1` steps (step 0 = random init).
-        runner.evaluate(config, workdir, params=state.params,
-                        batch_stats=state.batch_stats, step=number - 1,
-                        which="periodic", writer=writer)
+      # Before the step, which donates the state: the parameters after
+      # `number - 1` steps (step 0 = random init).
+      periodic_eval(state, number - 1)
       if preview is not None and (number == start + 1 or
                                   number % image_every == 0):
         _write_discovery_pictures(writer, number, preview(state, device_batch),
@@ -224,11 +228,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
     if pending is not None:
       finish(pending)
   final = int(jax.device_get(state.step))
-  if (config.eval.every_steps and final == total_steps
-      and final % config.eval.every_steps == 0):
-    runner.evaluate(config, workdir, params=state.params,
-                    batch_stats=state.batch_stats, step=final,
-                    which="periodic", writer=writer)
+  if final == total_steps:
+    periodic_eval(state, final)
   mngr.wait_until_finished()
   writer.flush()
   return state
