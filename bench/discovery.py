@@ -158,9 +158,13 @@ def bench_steps(batch: int, image_size: int) -> dict:
   All on ResNet-18 x0.5 at the given view size and batch:
     detcon_b        DetCon-B, stage-4 features (the foundation's step);
     detcon_b_fpn    DetCon-B with the FPN and stride-4 'p2' features, masks
-                    from the data: exactly Odin's step when its masks are
-                    cached (odin.tau_update='copy' with a mask refresh), so
-                    Odin-cached / DetCon-B(FPN) is this step's ratio, 1.0;
+                    from the data;
+    odin_cached     Odin with odin.tau_update='copy', odin.cached=True: the
+                    masks come from records refreshed once per copy period
+                    (discovery/cache.py), so the step is detcon_b_fpn's plus
+                    the τ ← θ copy; the refresh (τ's forward pass on every
+                    image at 2x, + k-means) is timed per image and amortised
+                    over odin.copy_every_epochs epochs;
     odin            Odin with continuous τ: + the discovery network on the
                     2x spanning view and k-means (K=16) every step;
     r2o             R2O: + target C4 on the spanning view, region k-means.
@@ -179,17 +183,50 @@ def bench_steps(batch: int, image_size: int) -> dict:
              "odin": step_time.bench_config(odin, args),
              "r2o": step_time.bench_config(r2o, args)}
   configs["r2o"].r2o.group_size = batch // 2
+  cached = step_time.bench_config(odin, args)
+  cached.odin.tau_update, cached.odin.cached = "copy", True
+  configs["odin_cached"] = cached
   t = {name: step_time.time_config(c, args) for name, c in configs.items()}
+  refresh = _refresh_seconds_per_image(cached, batch)
   print(f"\nstep time, ResNet-18 x0.5, {image_size}px views, batch {batch} "
         f"({jax.devices()[0].platform} x{jax.device_count()}, median of 5):")
   rows = (("detcon_b", "detcon_b"), ("detcon_b_fpn", "detcon_b"),
           ("odin", "detcon_b"), ("odin", "detcon_b_fpn"),
-          ("r2o", "detcon_b"))
+          ("odin_cached", "detcon_b_fpn"), ("r2o", "detcon_b"))
   for name, base in rows:
     print(f"  {name:13s} {1000 * t[name]:9.1f} ms  {t[name] / t[base]:6.3f} x {base}")
-  print("  odin (cached masks) runs the detcon_b_fpn step: 1.000 x detcon_b_fpn"
-        " (+ the refresh job once per copy period)")
+  # Per epoch the refresh costs N * refresh / copy_every_epochs against the
+  # training's N / batch steps.
+  per_image_step = t["odin_cached"] / batch
+  epochs = odin.get_config().odin.copy_every_epochs
+  print(f"  odin_cached refresh: {1000 * refresh:.1f} ms per image "
+        f"({refresh / per_image_step:.2f} x a training step's time per image);"
+        f" amortised over a copy period of {epochs:g} epochs: "
+        f"+{100 * refresh / per_image_step / epochs:.3f} %")
+  t["refresh_per_image"] = refresh
   return t
+
+
+def _refresh_seconds_per_image(config, batch: int, repeats: int = 5) -> float:
+  """Time of the refresh's device part (τ forward at span size + k-means)."""
+  from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from odin_jax.models import heads  # pylint: disable=g-import-not-at-top
+  model = heads.from_config(config)
+  tx = step_lib.make_optimizer(config, lambda count: 0.0)
+  state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+  side = int(round(config.odin.span_scale * config.image_size))
+  span = jax.random.uniform(jax.random.PRNGKey(1), (batch, side, side, 3))
+  discover = jax.jit(step_lib.make_discover(config, model))
+  key = jax.random.PRNGKey(2)
+  discover(state.discovery_params, state.batch_stats, span,
+           key).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    discover(state.discovery_params, state.batch_stats, span,
+             key).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) / batch
 
 
 if __name__ == "__main__":

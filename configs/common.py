@@ -141,6 +141,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   e.video_clips, e.video_frames, e.video_objects = 4, 8, 2
   e.probe_train_images, e.probe_test_images, e.probe_steps = 96, 32, 300
   e.picture_images, e.picture_k = 4, 8
+  d.cached = False               # with 'copy': masks refreshed once per copy
+                                 #   period over the dataset and read as
+                                 #   records (discovery/cache.py)
   e.tfds_discovery = ""              # e.g. 'coco/2017_panoptic' when prepared
   e.tfds_video = ""                  # e.g. 'davis/480p' when prepared
   e.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)

@@ -78,6 +78,9 @@ def validate(config) -> None:
   r = config.r2o
   if r.enabled:
     _require(not o.enabled, "odin.enabled and r2o.enabled are exclusive: "
+    _require(not o.get("cached", False) or o.tau_update == "copy",
+             "odin.cached=True needs odin.tau_update='copy' (masks of a "
+             "continuously updated τ change every step and cannot be cached).")
              "each method discovers its own masks.")
     _require(config.ema.enabled, "R2O needs the target network "
              "(ema.enabled=True): its C4 features define the regions.")

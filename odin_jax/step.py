@@ -222,6 +222,8 @@ def make_mask_discovery(config, model, discovery_rate=None,
     span_segments = segment(state, batch, key)
     mask1, mask2 = mapping.views_from_span(span_segments, batch, (size, size))
     return {"span_segments": span_segments, "mask1": mask1, "mask2": mask2}
+  if config.odin.enabled and config.odin.get("cached", False):
+    return None      # discovered once per period: data (discovery/cache.py)
 
   return found
 

@@ -21,6 +21,7 @@ from odin_jax import checkpoint, config_check, reporting, sharding, step
 from odin_jax.data import pipeline, sources
 from odin_jax.evaluate import pictures, runner
 from odin_jax.models import heads
+from odin_jax.discovery import cache as mask_cache
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,10 +160,19 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
     logging.info("Already trained to step %d; nothing to do.", start)
     return state
 
-  dataset = pipeline.make_train_dataset(
-      config, source, global_batch_size=config.batch_size, start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  batches = dataset.as_numpy_iterator()
+  # Cached Odin masks: the records of the current copy period (refreshed
+  # with τ when missing) replace the source; a new period rebuilds the input.
+  cached = (mask_cache.MaskCache(config, workdir, model, mesh, source)
+            if mask_cache.enabled(config) else None)
+
+  def input_batches(first_step: int, state):
+    data = source if cached is None else cached.source(state, writer)
+    return pipeline.make_train_dataset(
+        config, data, global_batch_size=config.batch_size,
+        start_step=first_step, process_index=jax.process_index(),
+        process_count=jax.process_count()).as_numpy_iterator()
+
+  batches = input_batches(start, state)
   block = _should_block(config)
   progress = reporting.Progress(total_steps, config.batch_size, start)
   pending = None   # (step number, metrics on device) not yet checked
@@ -249,3 +259,7 @@ def _flat_hparams(config) -> dict:
   visit("", config)
   return flat
 
+      if cached is not None and cached.refresh_due(number) and not stop and \
+          number < total_steps:
+        mngr.wait_until_finished()   # a refresh takes a while: save first
+        batches = input_batches(number, state)

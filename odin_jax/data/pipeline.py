@@ -119,9 +119,10 @@ def make_train_dataset(config, source, *, global_batch_size: int,
   local = g // num_hosts
   n = int(source.num_examples)
   # Odin also needs the spanning view and the views' boxes in it.
-  make_views = (spanning.two_views_with_span
-                if config.odin.enabled or config.r2o.enabled
-                else augment.two_views)
+  # (Not with cached Odin masks: those come with the images, like FH.)
+  discovers = ((config.odin.enabled and not config.odin.get("cached", False))
+               or config.r2o.enabled)
+  make_views = spanning.two_views_with_span if discovers else augment.two_views
   seed = int(config.seed)
 
   def position(counter):  # host-local counter -> global stream position
