@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     # Random-access record files for precomputed masks (also used by TFDS).
     "array-record>=0.8",
+    # torchvision/timm exports as safetensors (no torch needed).
+    "safetensors>=0.4",
 ]
 
 EXTRAS = {

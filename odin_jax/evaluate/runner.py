@@ -307,6 +307,49 @@ def _check_same_structure(restored, expected, what: str, directory) -> None:
 
 
 def load_params(config, workdir: str, step: int | None = None,
+def restore_checkpoint(workdir: str, step: int | None = None, *,
+                       with_state: bool = True):
+  """Raw contents of workdir/checkpoints/<step> (latest if None).
+
+  Returns (state, meta, step): `state` the saved TrainState as a dict of
+  host numpy arrays whatever devices wrote it (None when with_state=False:
+  then only the small JSON record is read), `meta` its JSON record
+  ({'step', 'method', 'config': config JSON}). Shared by `load_params` and
+  `python -m odin_jax.export`, which takes the config from `meta`.
+  Raises:
+    FileNotFoundError: no checkpoint; ValueError: unknown step.
+  """
+  import orbax.checkpoint as ocp
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  hint = (f"Train first (python -m odin_jax.main --config=... "
+          f"--workdir={workdir}).")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoint directory {directory}. {hint}")
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {directory}. {hint}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise ValueError(f"No checkpoint for step {step} in {directory}; "
+                       f"available: {steps}.")
+    items = {"meta": ocp.args.JsonRestore()}
+    if with_state:
+      tree = mngr.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      restore_args = jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      items["state"] = ocp.args.PyTreeRestore(restore_args=restore_args)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  finally:
+    mngr.close()
+  return restored["state"] if with_state else None, restored["meta"], step
+
+
                 params_key: str = "params"):
   """Network parameters of a checkpoint: (params, batch_stats, step).
 
@@ -325,37 +368,14 @@ def load_params(config, workdir: str, step: int | None = None,
     FileNotFoundError: no checkpoint; ValueError: unknown step, a missing or
     empty params_key, or parameters that do not fit the network.
   """
-  import orbax.checkpoint as ocp
   if params_key not in PARAM_KEYS:
     raise ValueError(f"params_key must be one of {PARAM_KEYS}, got "
                      f"{params_key!r}.")
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  hint = (f"Train first (python -m odin_jax.main --config=... "
-          f"--workdir={workdir}) or evaluate --source=random.")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoint directory {directory}. {hint}")
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
   try:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {directory}. {hint}")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise ValueError(f"No checkpoint for step {step} in {directory}; "
-                       f"available: {steps}.")
-    tree = mngr.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args),
-        meta=ocp.args.JsonRestore()))
-  finally:
-    mngr.close()
-  state, meta = restored["state"], restored["meta"]
+    state, meta, step = restore_checkpoint(workdir, step)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} Or evaluate --source=random.") from None
   _warn_config_differences(meta, config, directory)
   params = state.get(params_key)
   if not params:

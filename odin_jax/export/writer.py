@@ -1,0 +1,348 @@
+"""`export(workdir, ...)`: a checkpoint's online backbone -> files.
+
+Restores the checkpoint with the evaluation runner's loader
+(`runner.restore_checkpoint` for the saved config, `runner.load_params` for
+the checked parameters), keeps params['backbone'] / batch_stats['backbone']
+and writes the requested formats (see odin_jax/export/__main__.py for the
+files), then export_info.json and a README.md that says how to load them.
+Every file is written to a temporary name and renamed, so an interrupted
+export never leaves a truncated file under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+from absl import logging
+
+from odin_jax.export import convert
+
+FORMATS = ("npz", "torchvision", "detectron2", "timm")
+FILES = {"npz": ("backbone.npz",),
+         "torchvision": ("torchvision.safetensors", "torchvision.pth"),
+         "detectron2": ("detectron2.pkl",),
+         "timm": ("timm.safetensors",)}
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # the earliest a zip can store
+
+
+def config_from_meta(meta: dict):
+  """The ConfigDict a checkpoint was written with (its JSON record)."""
+  import ml_collections
+  return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+def resolve_formats(formats, backbone: str, depth: int | None) -> tuple:
+  """The formats to write: the requested ones, checked, or all that apply.
+
+  formats: None (all that apply), a comma string or a sequence.
+  """
+  applicable = (("npz", "torchvision", "detectron2") if backbone == "resnet"
+                else ("npz", "timm"))
+  if formats is None:
+    return tuple(f for f in applicable
+                 if f != "detectron2" or depth in convert.DETECTRON2_DEPTHS)
+  if isinstance(formats, str):
+    formats = formats.split(",")
+  formats = tuple(dict.fromkeys(f.strip() for f in formats if f.strip()))
+  unknown = [f for f in formats if f not in FORMATS]
+  if unknown or not formats:
+    raise ValueError(f"Unknown export format(s) {unknown or formats}; "
+                     f"choose from {FORMATS} (comma-separated).")
+  if backbone != "resnet" and set(formats) - set(applicable):
+    raise NotImplementedError(
+        f"Formats {sorted(set(formats) - set(applicable))} exist for ResNet "
+        f"backbones only; export the {backbone!r} backbone as one of "
+        f"{applicable}.")
+  if backbone == "resnet" and "timm" in formats:
+    raise ValueError("The 'timm' format is for ViT/Swin backbones; export "
+                     "a ResNet as npz, torchvision or detectron2.")
+  if "detectron2" in formats and depth not in convert.DETECTRON2_DEPTHS:
+    raise ValueError(f"detectron2 has no ResNet-{depth} (its ResNets: "
+                     f"{convert.DETECTRON2_DEPTHS}); export npz or "
+                     "torchvision instead.")
+  return formats
+
+
+def timm_converter(backbone: str):
+  """`timm_state_dict(backbone_params) -> {timm name: array}` of a
+  non-ResNet backbone, from its module odin_jax.models.<backbone> (vit.py,
+  swin.py), which documents the timm model and how to load it."""
+  import importlib
+  try:
+    module = importlib.import_module(f"odin_jax.models.{backbone}")
+  except ImportError:
+    module = None
+  convert_fn = getattr(module, "timm_state_dict", None)
+  if convert_fn is None:
+    raise NotImplementedError(
+        f"Export of the {backbone!r} backbone is not implemented: "
+        "torchvision/detectron2 names exist for ResNets only, and the "
+        "'timm' format (timm state_dict names in .safetensors) needs "
+        f"odin_jax.models.{backbone}.timm_state_dict (vit and swin have "
+        "one).")
+  return convert_fn
+
+
+def export(workdir: str, *, config=None, step: int | None = None,
+           formats=None, out_dir: str | None = None) -> dict:
+  """Writes the online backbone of a checkpoint (see the module docstring).
+
+  Args:
+    workdir: the training workdir (checkpoints in workdir/checkpoints).
+    config: the run's config; None = the one saved in the checkpoint.
+    step: checkpoint step; None = latest.
+    formats: subset of FORMATS (sequence or comma string); None = all that
+      apply (detectron2 only for the depths it has).
+    out_dir: output folder; None = workdir/export/step_<step>.
+  Returns:
+    The export_info.json record.
+  Raises:
+    FileNotFoundError: no checkpoint in workdir; ValueError: unknown step or
+    format, a depth detectron2 lacks, parameters that do not fit the config;
+    NotImplementedError: a non-ResNet backbone without a timm converter.
+  """
+  from odin_jax.evaluate import runner
+  from odin_jax.models import heads
+  if config is None:
+    _, meta, step = runner.restore_checkpoint(workdir, step, with_state=False)
+    config = config_from_meta(meta)
+  backbone = config.model.get("backbone", "resnet")
+  to_timm = timm_converter(backbone) if backbone != "resnet" else None
+  depth = int(config.model.depth) if backbone == "resnet" else None
+  formats = resolve_formats(formats, backbone, depth)
+  params, batch_stats, step = runner.load_params(config, workdir, step)
+  variables = {"params": params["backbone"],
+               "batch_stats": batch_stats.get("backbone", {})}
+  out_dir = out_dir or os.path.join(os.path.abspath(workdir), "export",
+                                    f"step_{step}")
+  os.makedirs(out_dir, exist_ok=True)
+
+  info = {"method": config.method, "step": int(step),
+          "workdir": os.path.abspath(workdir),
+          "out_dir": os.path.abspath(out_dir), "backbone": backbone,
+          "num_backbone_arrays": len(convert.flatten(variables)),
+          "input": _input_info(), "files": {}, "warnings": []}
+  if backbone == "resnet":
+    info.update(_resnet_info(depth, float(config.model.width), info))
+  else:
+    info["timm"] = {
+        "options": dict(heads.transformer_fields(config).get(
+            "backbone_options", ())),
+        "load": f"see odin_jax.models.{backbone}.timm_state_dict's "
+                "docstring: timm.create_model(<matching name>, "
+                "num_classes=0).load_state_dict(safetensors.torch."
+                "load_file('timm.safetensors'))"}
+  logging.info("Exporting the %s backbone of step %d (%s) to %s as %s.",
+               _title(info), step, config.method, out_dir, ", ".join(formats))
+
+  def record(fmt, name, keys):
+    path = os.path.join(out_dir, name)
+    size = os.path.getsize(path)
+    info["files"][name] = {"format": fmt, "keys": keys, "bytes": size,
+                           "sha256": _sha256(path)}
+    logging.info("Wrote %s (%d arrays, %.1f MB).", path, keys, size / 1e6)
+
+  # One metadata entry only: safetensors writes several in a random order,
+  # and the same checkpoint should give the same bytes (and sha256).
+  # Provenance is in export_info.json.
+  tensor_metadata = {"format": "pt"}
+  if "npz" in formats:
+    name, = FILES["npz"]
+    _write_npz(os.path.join(out_dir, name), variables)
+    record("npz", name, info["num_backbone_arrays"])
+  if "timm" in formats:
+    name, = FILES["timm"]
+    state_dict = {k: np.asarray(v) for k, v in
+                  to_timm(variables["params"]).items()}
+    _write_safetensors(os.path.join(out_dir, name), state_dict,
+                       tensor_metadata)
+    record("timm", name, len(state_dict))
+  if {"torchvision", "detectron2"} & set(formats):
+    state_dict = convert.torchvision_state_dict(variables, depth, int(step))
+  if "torchvision" in formats:
+    st_name, pth_name = FILES["torchvision"]
+    _write_safetensors(os.path.join(out_dir, st_name), state_dict,
+                       tensor_metadata)
+    record("torchvision", st_name, len(state_dict))
+    if _write_pth(os.path.join(out_dir, pth_name), state_dict):
+      record("torchvision", pth_name, len(state_dict))
+    else:
+      info["warnings"].append(f"torch is not importable: {pth_name} "
+                              f"skipped ({st_name} holds the same "
+                              "state_dict).")
+  else:
+    info.pop("torchvision", None)
+  if "detectron2" in formats:
+    name, = FILES["detectron2"]
+    _write_pickle(os.path.join(out_dir, name),
+                  convert.detectron2_checkpoint(state_dict))
+    record("detectron2", name, len(state_dict))
+    cfg, warnings = convert.detectron2_config(depth, info["width"])
+    info["warnings"] += warnings
+    info["detectron2"] = {
+        "config": cfg, "yaml": convert.detectron2_yaml(cfg),
+        "note": "MODEL.RESNETS.NORM: FrozenBN (default) or SyncBN to "
+                "fine-tune; FrozenBN ignores the num_batches_tracked "
+                "entries (logged as unused keys)."}
+  for warning in info["warnings"]:
+    logging.warning("%s", warning)
+  _write_text(os.path.join(out_dir, "export_info.json"),
+              json.dumps(info, indent=1) + "\n")
+  _write_text(os.path.join(out_dir, "README.md"), _readme(info))
+  logging.info("Wrote %s.", os.path.join(out_dir, "export_info.json"))
+  return info
+
+
+def _input_info() -> dict:
+  """The networks normalise their [0, 1] input inside (resnet.py, vit.py,
+  swin.py); exported weights expect the caller to do it."""
+  from odin_jax.models import resnet
+  return {"color": "RGB", "scale": "[0, 1] (uint8 / 255)",
+          "normalisation": "(x - mean) / std per channel, NOT part of the "
+                           "exported weights: the caller applies it",
+          "mean": list(resnet.IMAGENET_MEAN), "std": list(resnet.IMAGENET_STD)}
+
+
+def _title(info: dict) -> str:
+  if info["backbone"] != "resnet":
+    return info["backbone"]
+  return f"ResNet-{info['depth']} x{info['width']:g}"
+
+
+def _resnet_info(depth: int, width: float, info: dict) -> dict:
+  """export_info fields of a ResNet (shape, BN, torchvision use); appends
+  its warnings to info['warnings']."""
+  from odin_jax.models import resnet
+  kind = resnet.STAGE_SIZES[depth][0]
+  expansion = 1 if kind == "basic" else 4
+  if width != 1.0:
+    info["warnings"].append(
+        f"width {width:g}: the channel counts are not those of "
+        f"torchvision's resnet{depth}() (stem {convert.channels(width, 64)}"
+        ", not 64): build a torchvision ResNet with matching widths (its "
+        "width_per_group and wide_resnet* widen only the inner 3x3 convs, "
+        "which is not this).")
+  model = (f"torchvision.models.resnet{depth}()" if depth != 200 else
+           "torchvision.models.resnet.ResNet("
+           "torchvision.models.resnet.Bottleneck, [3, 24, 36, 3])")
+  return {
+      "depth": depth, "width": width, "block": kind,
+      "stem_channels": convert.channels(width, 64),
+      "stage_channels": [convert.channels(width, 64 * 2**i) * expansion
+                         for i in range(4)],
+      "batch_norm": {"epsilon": 1e-5, "momentum_torch": 0.1,
+                     "num_batches_tracked": "the training step"},
+      "torchvision": {
+          "model": model, "standard_widths": width == 1.0,
+          "load": "model.load_state_dict(safetensors.torch.load_file("
+                  "'torchvision.safetensors'), strict=False)  # missing: "
+                  "fc.weight, fc.bias only"}}
+
+
+def _readme(info: dict) -> str:
+  mean, std = info["input"]["mean"], info["input"]["std"]
+  text = [f"# {_title(info)} backbone: {info['method']}, step "
+          f"{info['step']}", "",
+          f"Input: RGB images in [0, 1], normalised as (x - {mean}) / {std} "
+          "by the caller (the weights do not include it).", "",
+          "Files (sha256 in export_info.json):", ""]
+  text += [f"- {name}: {entry['format']}, {entry['keys']} arrays"
+           for name, entry in info["files"].items()]
+  text.append("")
+  if "timm" in info:
+    text += ["timm: " + info["timm"]["load"], ""]
+  if "torchvision" in info:
+    t = info["torchvision"]
+    text += ["torchvision:", "", "    import safetensors.torch, torchvision",
+             f"    model = {t['model']}", f"    {t['load']}", ""]
+  if "detectron2" in info:
+    text += ["detectron2 config (YAML):", "",
+             *("    " + line for line in
+               info["detectron2"]["yaml"].splitlines()), "",
+             info["detectron2"]["note"], ""]
+  text += [f"Warning: {w}" for w in info["warnings"]]
+  return "\n".join(text).rstrip() + "\n"
+
+
+# --- Files ----------------------------------------------------------------
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _atomic(path: str, write) -> None:
+  """write(tmp_path), then rename: never a half-written file at `path`."""
+  tmp = path + ".tmp"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  _atomic(path, write)
+
+
+def _write_npz(path: str, variables: dict) -> None:
+  """np.savez's layout (one NAME.npy per array, np.load reads it) with a
+  fixed timestamp, so that the same checkpoint gives the same sha256."""
+  def write(tmp):
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                         allowZip64=True) as archive:
+      for name, array in sorted(convert.flatten(variables).items()):
+        member = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_TIME)
+        with archive.open(member, "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, array, allow_pickle=False)
+  _atomic(path, write)
+
+
+def _write_safetensors(path: str, state_dict: dict, metadata: dict) -> None:
+  from safetensors import numpy as st_numpy
+  _atomic(path, lambda tmp: st_numpy.save_file(state_dict, tmp,
+                                               metadata=metadata))
+
+
+def _write_pth(path: str, state_dict: dict) -> bool:
+  """torch.save of the tensors; False without torch (the caller warns)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  _atomic(path, lambda tmp: torch.save(tensors, tmp))
+  return True
+
+
+class _PortablePickler(pickle.Pickler):
+  """Pickles arrays as numpy.ndarray(shape, dtype, buffer=bytearray).
+
+  NumPy 2 reduces arrays to numpy._core.multiarray._reconstruct, which
+  NumPy 1.x (still common next to detectron2) cannot import; the ndarray
+  constructor is the same in both. A bytearray buffer keeps the loaded
+  arrays writable (torch.from_numpy warns on read-only ones).
+  """
+
+  def reducer_override(self, obj):
+    if isinstance(obj, np.ndarray):
+      array = np.asarray(obj, order="C")   # (ascontiguousarray makes 0-d 1-d)
+      return np.ndarray, (array.shape, array.dtype.str,
+                          bytearray(array.tobytes()))
+    return NotImplemented
+
+
+def _write_pickle(path: str, obj) -> None:
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      _PortablePickler(f, protocol=4).dump(obj)
+  _atomic(path, write)
