@@ -32,7 +32,10 @@ EXTRAS = {
     # own environment if that matters.
     "beam": ["apache-beam>=2.60,<3"],
     # scikit-learn: the independent k-means the tests compare against.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
+    # nbclient/ipykernel/matplotlib: CI executes the notebooks.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4",
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             "matplotlib>=3.8"],
 }
 
 setuptools.setup(
