@@ -284,3 +284,31 @@ def demo_segments(data: DemoData, mask_config,
                masks.mask_config_key(mask_config), time.time() - start)
   _save_atomic(path, segments=segments)
   return segments
+
+
+def demo_hierarchies(data: DemoData, mask_config,
+                     cache_dir: str | None = None):
+  """Region trees of every image (masks.method 'hierarchy'), cached on disk.
+
+  Returns (leaves int32 [N, S, S], distances float32 [N, L, L]) with L =
+  mask_config.hier_max_leaves (data/hierarchy.py). Same cache rules as
+  demo_segments.
+  """
+  from odin_jax.data import hierarchy  # pylint: disable=g-import-not-at-top
+  digest = hashlib.blake2b(digest_size=8)
+  digest.update(np.ascontiguousarray(data.images).tobytes())
+  path = os.path.join(_demo_dir(cache_dir),
+                      f"trees_v{_VERSION}_{digest.hexdigest()}_"
+                      f"{masks.mask_config_key(mask_config)}.npz")
+  cached = _load_npz(path, ("leaves", "distances"))
+  if cached is not None and cached["leaves"].shape == data.images.shape[:3]:
+    return cached["leaves"], cached["distances"]
+  start = time.time()
+  trees = [hierarchy.hierarchy_from_config(image, mask_config)
+           for image in data.images]
+  leaves = np.stack([t.leaves for t in trees])
+  distances = np.stack([t.distances for t in trees])
+  logging.info("Computed %d region trees in %.1fs.", len(trees),
+               time.time() - start)
+  _save_atomic(path, leaves=leaves, distances=distances)
+  return leaves, distances

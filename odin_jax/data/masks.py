@@ -9,6 +9,8 @@ segmenter to the model, so ids never wrap.
   'slic' SLIC superpixels
   'grid' n x n spatial grid (n=1: one global mask, i.e. BYOL/SimCLR)
   'gt'   a given ground-truth instance map (background is its own segment)
+  'hierarchy' the leaves (<= 40 regions) of a region tree (hierarchy.py);
+         the tree's distances come from hierarchy.hierarchy_from_config
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from skimage import segmentation
 
-METHODS = ("fh", "slic", "grid", "gt")
+METHODS = ("fh", "slic", "grid", "gt", "hierarchy")
 
 
 def relabel_sequential(segments: np.ndarray) -> np.ndarray:
@@ -126,6 +128,9 @@ def compute_segments(image, mask_config, gt_instances=None) -> np.ndarray:
       raise ValueError(f"gt_instances {gt_instances.shape} does not match the "
                        f"image {image.shape[:2]}.")
     return relabel_sequential(gt_instances)
+  if method == "hierarchy":
+    from odin_jax.data import hierarchy  # pylint: disable=g-import-not-at-top
+    return hierarchy.hierarchy_from_config(image, mask_config).leaves
   raise ValueError(f"mask_config.method must be one of {METHODS}, "
                    f"got {method!r}.")
 
@@ -144,5 +149,11 @@ def mask_config_key(mask_config) -> str:
     return f"grid{int(_field(mask_config, 'grid_size'))}"
   if method == "gt":
     return "gt"
+  if method == "hierarchy":
+    return (f"hier_l{int(_field(mask_config, 'hier_max_leaves'))}"
+            f"_n{int(_field(mask_config, 'hier_superpixels'))}"
+            f"_c{_field(mask_config, 'hier_compactness'):g}"
+            f"_sig{_field(mask_config, 'hier_sigma'):g}"
+            f"_min{_field(mask_config, 'hier_min_leaf_area'):g}")
   raise ValueError(f"mask_config.method must be one of {METHODS}, "
                    f"got {method!r}.")

@@ -17,6 +17,8 @@ Each element of the dataset is a per-host batch (B = G / P):
   'mask1', 'mask2': int32   [B, S, S]   source segment ids through each view
   'index':          int64   [B]         global position p
   'example_id':     int64   [B]         source example id
+with masks.method 'hierarchy' also (data/hierarchy.py; L = max_leaves):
+  'hierarchy':      float32 [B, L, L]   tree distances between leaf ids
 with config.odin.enabled also (spanning.two_views_with_span; span side
 odin.span_scale x S, 2S by default):
   'span':           float32 [B, 2S, 2S, 3] un-augmented spanning view
@@ -135,6 +137,8 @@ def make_train_dataset(config, source, *, global_batch_size: int,
     example = source.lookup(example_id)
     out = make_views(example["image"], example["segments"],
                      augment_seed_at(p, seed), config)
+    if "hierarchy" in example:   # region-tree distances: not view-dependent
+      out["hierarchy"] = example["hierarchy"]
     out["index"] = p
     out["example_id"] = example_id
     return out

@@ -13,6 +13,9 @@ r"""Precompute masks once: images + FH / SLIC / grid masks -> sharded records.
   python -m odin_jax.data.precompute --source=tfds:coco/2017:train \
       --output_dir=/data/coco_fh --masks=fh:scale=500,min_size=500 \
       --masks=fh:scale=1000,min_size=1000 --masks=fh:scale=1500,min_size=1500
+  # Region trees for hierarchical grouping (leaf ids + leaf distances):
+  python -m odin_jax.data.precompute --source=folder:/data/voc_coco \
+      --output_dir=/data/voc_coco_hier --masks=hierarchy:max_leaves=40
 Several machines can share one run: the same command with --num_tasks=M
 --task_index=m on each (shard s belongs to task s % M; the last one to finish
 writes metadata.json). Beyond that, beam_precompute.py.
@@ -51,6 +54,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from odin_jax.data import hierarchy as hierarchy_lib
 from odin_jax.data import masks as masks_lib
 from odin_jax.data import records
 
@@ -217,7 +221,13 @@ def process_example(raw: RawExample, spec: ExampleSpec) -> ExampleResult:
         seg = _gt_segments(raw.gt, original_hw, (h, w))
       else:
         try:
-          seg = masks_lib.compute_segments(rgb, cfg)
+          if cfg.method == "hierarchy":   # leaf ids + the tree's distances
+            tree = hierarchy_lib.hierarchy_from_config(rgb, cfg)
+            seg = tree.leaves
+            features[records.HIERARCHY_PREFIX + key] = (
+                records.encode_distances(tree.distances))
+          else:
+            seg = masks_lib.compute_segments(rgb, cfg)
         except Exception:  # pylint: disable=broad-except
           raise _Skip(f"mask_error:{key}") from None
       n = int(seg.max()) + 1
@@ -684,7 +694,9 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("masks", list(DEFAULT_MASKS),
                             "Mask settings, repeatable: fh:scale=..,sigma=..,"
                             "min_size=.. | slic:n_segments=..,compactness=.. "
-                            "| grid:size=.. | gt.")
+                            "| grid:size=.. | gt | hierarchy:max_leaves=..,"
+                            "superpixels=..,compactness=..,sigma=..,"
+                            "min_leaf_area=...")
   flags.DEFINE_integer("num_shards", 0, "0: one shard per 1024 inputs.")
   flags.DEFINE_integer("num_workers", 0, "Processes; 0: all cores.")
   flags.DEFINE_integer("seed", 0, "Seed of the order of examples in shards.")

@@ -21,6 +21,10 @@ Each tf.train.Example has the features
                         them). 16 bits hold n <= 65536 segments; examples with
                         more are skipped, never wrapped (the DetCon reference
                         stored 8-bit ids and merged every segment past 255).
+  'hierarchy/<key>' bytes  (mask settings 'hierarchy:...' only) the region
+                        tree's leaf distances d_T, float32 [L, L] little-endian
+                        raw bytes (L = max_leaves); 'masks/<key>' then holds
+                        the leaf ids (data/hierarchy.py).
 
 Global example id g is record g of the concatenation of the shards in shard
 order. `RecordSource` serves them to the training pipeline (sources.Source).
@@ -29,6 +33,7 @@ Mask settings are written `method:field=value,...` on the command line, with
 the field names of config.masks minus their method prefix:
   fh:scale=1000,sigma=0.8,min_size=1000   slic:n_segments=100,compactness=10
   grid:size=5                             gt
+  hierarchy:max_leaves=40,superpixels=400,compactness=0,sigma=1,min_leaf_area=0.005
 TensorFlow is imported only by the reader, so precompute workers stay light.
 """
 
@@ -49,6 +54,7 @@ VERSION = 1
 METADATA = "metadata.json"
 SPEC = "precompute_spec.json"
 MASK_PREFIX = "masks/"
+HIERARCHY_PREFIX = "hierarchy/"
 # One record per chunk (random access); JPEG/PNG payloads do not compress.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 MAX_SEGMENTS = 1 << 16          # ids 0..65535 fit a 16-bit PNG
@@ -63,6 +69,11 @@ _FIELDS = {
              "compactness": ("slic_compactness", float, 10.0)},
     "grid": {"size": ("grid_size", int, 5)},
     "gt": {},
+    "hierarchy": {"max_leaves": ("hier_max_leaves", int, 40),
+                  "superpixels": ("hier_superpixels", int, 400),
+                  "compactness": ("hier_compactness", float, 0.0),
+                  "sigma": ("hier_sigma", float, 1.0),
+                  "min_leaf_area": ("hier_min_leaf_area", float, 0.005)},
 }
 
 
@@ -183,6 +194,14 @@ def encode_mask_png(segments: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def encode_distances(distances: np.ndarray) -> bytes:
+  """float [L, L] tree distances -> float32 little-endian bytes (lossless)."""
+  distances = np.asarray(distances)
+  if distances.ndim != 2 or distances.shape[0] != distances.shape[1]:
+    raise ValueError(f"distances must be [L, L], got {distances.shape}.")
+  return distances.astype("<f4").tobytes()
+
+
 # --------------------------------------------------------- files / metadata --
 def shard_name(shard: int, num_shards: int) -> str:
   return f"records-{shard:05d}-of-{num_shards:05d}.array_record"
@@ -225,7 +244,9 @@ class RecordSource:
   """Images + precomputed masks from a records directory (sources.Source).
 
   lookup(example_id int64 []) -> {'image': uint8 [H, W, 3], 'segments': int32
-  [H, W], 'label': int64 [], 'id': string []} in graph mode. With several mask
+  [H, W], 'label': int64 [], 'id': string []} in graph mode, plus
+  'hierarchy': float32 [L, L] (the leaf distances) for 'hierarchy' mask
+  settings. With several mask
   settings, each example uses one of them chosen by a stateless draw from
   (seed, example_id): fixed per example and seed (DetCon's random FH scale on
   COCO), identical on every host and after a restart.
@@ -271,6 +292,15 @@ class RecordSource:
           f", not {missing}. Precompute them (all settings into a new "
           f"directory) with:\n  {cmd}\n"
           f"then set --config.dataset.records_dir={new_dir}.")
+    # Region trees carry their leaf distances too (one size for all).
+    trees = [parse_mask_setting(available[k]) for k in self.mask_keys
+             if available[k].startswith("hierarchy")]
+    sizes = {int(t.hier_max_leaves) for t in trees}
+    if trees and (len(trees) != len(self.mask_keys) or len(sizes) != 1):
+      raise ValueError(f"Mask settings {self.mask_keys}: 'hierarchy' settings "
+                       "cannot be mixed with other methods or other "
+                       "max_leaves (every example needs the same distances).")
+    self.hierarchy_size = sizes.pop() if trees else 0
     self.num_examples = int(meta["num_examples"])
     if self.num_examples <= 0:
       raise ValueError(f"Records in {records_dir!r} hold no examples (every "
@@ -335,6 +365,8 @@ class RecordSource:
             "id": tf.io.FixedLenFeature([], tf.string)}
     for key in self.mask_keys:
       spec[MASK_PREFIX + key] = tf.io.FixedLenFeature([], tf.string)
+      if self.hierarchy_size:
+        spec[HIERARCHY_PREFIX + key] = tf.io.FixedLenFeature([], tf.string)
     return spec
 
   def lookup(self, example_id):
@@ -347,6 +379,9 @@ class RecordSource:
     image = tf.io.decode_jpeg(ex["image"], channels=3,
                               dct_method="INTEGER_ACCURATE")
     encoded = [ex[MASK_PREFIX + k] for k in self.mask_keys]
+    trees = ([ex[HIERARCHY_PREFIX + k] for k in self.mask_keys]
+             if self.hierarchy_size else [])
+    tree = trees[0] if trees else None
     if len(encoded) == 1:
       mask_png = encoded[0]
     else:
@@ -356,11 +391,18 @@ class RecordSource:
       choice = tf.random.stateless_uniform([], seed, maxval=len(encoded),
                                            dtype=tf.int64)
       mask_png = tf.gather(tf.stack(encoded), choice)
+      if trees:
+        tree = tf.gather(tf.stack(trees), choice)
     segments = tf.cast(tf.io.decode_png(mask_png, channels=1,
                                         dtype=tf.uint16)[..., 0], tf.int32)
     with tf.control_dependencies([tf.debugging.assert_equal(
         tf.shape(segments), tf.shape(image)[:2],
         message="mask and image sizes differ in a record")]):
       segments = tf.identity(segments)
-    return {"image": image, "segments": segments, "label": ex["label"],
-            "id": ex["id"]}
+    out = {"image": image, "segments": segments, "label": ex["label"],
+           "id": ex["id"]}
+    if tree is not None:
+      n = self.hierarchy_size
+      out["hierarchy"] = tf.reshape(
+          tf.io.decode_raw(tree, tf.float32, little_endian=True), [n, n])
+    return out

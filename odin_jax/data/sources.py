@@ -6,6 +6,8 @@ one example, in TF graph mode (it is called inside Dataset.map):
   source.num_examples: int
   source.lookup(example_id) -> {'image': uint8 [H, W, 3],
                                 'segments': int32 [H, W]}   # ids >= 0
+  (+ 'hierarchy': float32 [L, L] leaf distances with masks.method
+  'hierarchy': the demo and precomputed records provide it)
 
 H and W may differ between examples. Sources:
   ArraySource   in-memory arrays (tf constants), lookup = tf.gather;
@@ -48,6 +50,15 @@ def _segments_fn(mask_config):
     raise ValueError("masks.method='gt' needs ground-truth instance maps, which "
                      "only the 'demo' dataset provides; use 'fh', 'slic' or "
                      "'grid' for this dataset.")
+  if mask_config.method == "hierarchy":
+    from odin_jax.data import records  # pylint: disable=g-import-not-at-top
+    raise ValueError(
+        "masks.method='hierarchy' (region trees) is computed once, not on the "
+        "fly (about 0.1-1 s per image): precompute the records with\n  " +
+        records.precompute_command("tfds:NAME:train or folder:/path",
+                                   "/path/to/records",
+                                   [records.mask_setting_string(mask_config)])
+        + "\nthen set --config.dataset.records_dir=/path/to/records.")
 
   def fn(image):
     return masks.compute_segments(image, mask_config).astype(np.int32)
@@ -63,9 +74,11 @@ def _segments_on_the_fly(image, segments_fn):
 
 
 class ArraySource:
-  """In-memory images uint8 [N, S, S, 3] and segments int32 [N, S, S]."""
+  """In-memory images uint8 [N, S, S, 3] and segments int32 [N, S, S]
+  (+ optional region-tree distances float32 [N, L, L])."""
 
-  def __init__(self, images: np.ndarray, segments: np.ndarray):
+  def __init__(self, images: np.ndarray, segments: np.ndarray,
+               hierarchy: np.ndarray | None = None):
     images, segments = np.asarray(images), np.asarray(segments)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise ValueError(f"images must be uint8 [N, H, W, 3], got "
@@ -78,13 +91,21 @@ class ArraySource:
     if segments.min() < 0:
       raise ValueError("Segment ids must be >= 0.")
     self.num_examples = int(len(images))
+    if hierarchy is not None and len(hierarchy) != len(images):
+      raise ValueError(f"hierarchy {np.shape(hierarchy)} must have one [L, L] "
+                       f"matrix per image ({len(images)}).")
     with tf.device("/cpu:0"):
       self._images = tf.constant(images)
       self._segments = tf.constant(segments.astype(np.int32))
+      self._hierarchy = (None if hierarchy is None else
+                         tf.constant(np.asarray(hierarchy, np.float32)))
 
   def lookup(self, example_id):
-    return {"image": tf.gather(self._images, example_id),
-            "segments": tf.gather(self._segments, example_id)}
+    out = {"image": tf.gather(self._images, example_id),
+           "segments": tf.gather(self._segments, example_id)}
+    if self._hierarchy is not None:
+      out["hierarchy"] = tf.gather(self._hierarchy, example_id)
+    return out
 
 
 class DemoSource(ArraySource):
@@ -95,9 +116,14 @@ class DemoSource(ArraySource):
     self.data = demo.load_demo(num_scenes=d.demo_num_scenes,
                                image_size=d.demo_image_size,
                                seed=d.get("demo_seed", 0), cache_dir=d.cache_dir)
-    segments = demo.demo_segments(self.data, config.masks,
-                                  cache_dir=d.cache_dir)
-    super().__init__(self.data.images, segments)
+    trees = None
+    if config.masks.method == "hierarchy":   # leaves + their distances
+      segments, trees = demo.demo_hierarchies(self.data, config.masks,
+                                              cache_dir=d.cache_dir)
+    else:
+      segments = demo.demo_segments(self.data, config.masks,
+                                    cache_dir=d.cache_dir)
+    super().__init__(self.data.images, segments, trees)
 
 
 def list_images(folder: str) -> list[str]:
@@ -248,6 +274,7 @@ def make_source(config) -> Source:
                      "or a TFDS dataset name such as 'imagenet2012'.")
   if name == "demo":
     return DemoSource(config)
+  _segments_fn(config.masks)   # 'gt' / 'hierarchy' fail here, before any I/O
   if name == "folder":
     return FolderSource(d.folder, config.masks)
   return TfdsSource(name, d.split, d.data_dir, config.masks,
