@@ -9,12 +9,19 @@
   demo               the embedded demo scenes, a small ResNet-18, 96 px;
                      minutes on 2 CPU cores.
   test               tiny everything, for the test suite (seconds).
+Backbone presets put a transformer in place of the ResNet, alone (the
+paper's settings) or before one of the above (`vit_b16_coco`, `vit_demo`):
+  vit_s16, vit_b16, vit_b8   ViT, AdamW (Odin App. A.3), 300 epochs
+  swin_t, swin_s             Swin, LARS + gradient clipping at norm 1
+  vit_demo, swin_demo, ...   'vit' / 'swin' name the family; at demo / test
+                             scale every size becomes the family's tiny net.
 Every field can be overridden on the command line: --config.batch_size=64.
 """
 
 import ml_collections
 
 PRESETS = ("imagenet", "coco", "demo", "test")
+BACKBONE_PRESETS = ("vit_s16", "vit_b16", "vit_b8", "swin_t", "swin_s")
 
 
 def base_config(method: str) -> ml_collections.ConfigDict:
@@ -52,7 +59,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.dataset.demo_image_size = 128
 
   c.masks = ml_collections.ConfigDict()
-  c.masks.method = "fh"          # 'fh' | 'slic' | 'grid' | 'gt'
+  c.masks.method = "fh"          # 'fh' | 'slic' | 'grid' | 'gt' | 'hierarchy'
   c.masks.fh_scale = 1000.0
   c.masks.fh_sigma = 0.8
   c.masks.fh_min_size = 1000
@@ -61,6 +68,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.masks.slic_n_segments = 64
   c.masks.slic_compactness = 10.0
   c.masks.grid_size = 5
+  # 'hierarchy': leaves of a region tree + its distances (data/hierarchy.py)
+  c.masks.hier_max_leaves = 40   # leaves (paper: at most 40)
+  c.masks.hier_superpixels = 400  # watershed markers before merging
+  c.masks.hier_compactness = 0.0  # > 0: compact watershed
+  c.masks.hier_sigma = 1.0       # smoothing of the colour-gradient edge map
+  c.masks.hier_min_leaf_area = 0.005  # fraction of the image
 
   a = c.augment = ml_collections.ConfigDict()
   a.crop_area_min, a.crop_area_max = 0.08, 1.0
@@ -95,6 +108,25 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   o.momentum = 0.9
   o.trust_coefficient = 1e-3
 
+  # Backbone family and the optimiser that goes with it (docs/transformers.md;
+  # the presets vit_s16 / vit_b16 / vit_b8 / swin_t / swin_s set them).
+  m.backbone = "resnet"          # 'resnet' | 'vit' | 'swin'
+  vt = m.vit = ml_collections.ConfigDict()   # with feature_stage 'tokens'
+  vt.patch_size, vt.depth, vt.width, vt.num_heads = 16, 12, 768, 12
+  vt.mlp_ratio = 4.0
+  vt.pos_size = 0                # input side the position embeddings are
+                                 #   learnt at (0: image_size); resampled else
+  vt.cls_token = True
+  sw = m.swin = ml_collections.ConfigDict()  # stages 'stage1'..'stage4'
+  sw.embed_dim, sw.depths, sw.num_heads = 96, (2, 2, 6, 2), (3, 6, 12, 24)
+  sw.window, sw.patch_size, sw.mlp_ratio = 7, 4, 4.0
+  o.name = "lars"                # | 'adamw' (ViT: Odin App. A.3) | 'adam'
+  o.adam_b1, o.adam_b2 = 0.9, 0.95
+  o.clip_norm = 0.0              # > 0: clip gradients to this global norm
+  o.schedule = "cosine"          # | 'piecewise': lr × decay_factor at each
+  o.decay_at = ()                #   fraction in decay_at of all steps (a
+  o.decay_factor = 0.1           #   warm-up, if any, still comes first)
+
   c.ema = ml_collections.ConfigDict()
   c.ema.enabled = True           # target network ξ = EMA of θ
   c.ema.base_decay = 0.996       # cosine-increased to 1
@@ -109,6 +141,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   d.tau_update = "ema"           # 'ema': τ ← τ + λ_τ(θ - τ) every step;
   d.ema_rate = 1e-3              #   'copy': τ ← θ every copy_every_epochs
   d.copy_every_epochs = 100.0
+  d.cached = False               # with 'copy': masks refreshed once per copy
+                                 #   period over the dataset and read as
+                                 #   records (discovery/cache.py)
   d.image_every_steps = 200      # TensorBoard pictures of the masks
 
   # R2O: k-means over region (superpixel) features of the target network,
@@ -141,13 +176,24 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   e.video_clips, e.video_frames, e.video_objects = 4, 8, 2
   e.probe_train_images, e.probe_test_images, e.probe_steps = 96, 32, 300
   e.picture_images, e.picture_k = 4, 8
-  d.cached = False               # with 'copy': masks refreshed once per copy
-                                 #   period over the dataset and read as
-                                 #   records (discovery/cache.py)
   e.tfds_discovery = ""              # e.g. 'coco/2017_panoptic' when prepared
   e.tfds_video = ""                  # e.g. 'davis/480p' when prepared
   e.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
   e.tfds_num_images, e.tfds_num_videos, e.tfds_image_size = 500, 30, 256
+
+  # Scale: precision, memory, profiling (docs/scale.md). The compute dtype
+  # is model.dtype above ('bfloat16' on TPU/GPU; parameters, BatchNorm
+  # statistics and the loss stay float32 whatever it is).
+  m.remat = "none"               # 'blocks' | 'stages': recompute the ResNet's
+                                 #   activations in the backward pass
+  sh = c.sharding = ml_collections.ConfigDict()
+  sh.fsdp = False                # split θ, ξ, τ and optimizer state over
+                                 #   'data' (all-gathered in the step)
+  sh.fsdp_min_size = 2**16       # arrays with fewer elements stay replicated
+  p = c.profile = ml_collections.ConfigDict()
+  p.start_step = 10              # trace train steps [start, start + num_steps)
+  p.num_steps = 0                #   into workdir/profile; 0 = off
+  p.all_processes = True         # every host writes its trace (False: host 0)
   return c
 
 
@@ -160,18 +206,23 @@ def global_masks(c: ml_collections.ConfigDict) -> None:
 
 def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
   """Applies a named preset (see module docstring) in place."""
-  preset = arg or "imagenet"
+  backbone, preset = split_backbone_preset(arg)
   if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for {c.method}; choose one "
-                     f"of {PRESETS} (e.g. --config=configs/{c.method}.py:demo).")
+    raise ValueError(f"Unknown preset {arg!r} for {c.method}; choose one "
+                     f"of {PRESETS} (e.g. --config=configs/{c.method}.py:demo),"
+                     f" optionally after a backbone: {BACKBONE_PRESETS} or "
+                     "'vit' / 'swin' (e.g. vit_b16, swin_t_coco, vit_demo).")
+  if backbone:
+    use_backbone(c, backbone, preset)
   if preset == "coco":
     c.dataset.name = "coco/2017"
     c.masks.fh_scale, c.masks.fh_min_size = 1000.0, 1000
     c.masks.fh_scales = (500.0, 1000.0, 1500.0)   # DetCon on COCO
   elif preset in ("demo", "test"):
     c.dataset.name = "demo"
-    if c.masks.method == "fh":   # small images need small FH regions
-      c.masks.fh_scale, c.masks.fh_min_size = 200.0, 100
+    # Small images need small FH regions, whatever the method trains on:
+    # the evaluation's FH baseline (masks:fh) reads these fields too.
+    c.masks.fh_scale, c.masks.fh_min_size = 200.0, 100
     c.model.depth = 18
     c.model.projector_hidden = 512
     c.model.projector_dim = 128
@@ -208,4 +259,77 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.eval.probe_steps = 20
     if c.model.predictor_hidden:
       c.model.predictor_hidden = c.model.projector_hidden
+    if backbone:
+      small_backbone(c, preset)
   return c
+
+
+# --- Transformer backbones (docs/transformers.md) -------------------------
+
+# name -> (patch_size, depth, width, num_heads), as odin_jax/models/vit.py.
+_VIT_SIZES = {"vit_s16": (16, 12, 384, 6), "vit_b16": (16, 12, 768, 12),
+              "vit_b8": (8, 12, 768, 12)}
+# name -> (embed_dim, depths, num_heads), as odin_jax/models/swin.py.
+_SWIN_SIZES = {"swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+               "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24))}
+_FAMILIES = {"vit": "vit_b16", "swin": "swin_t"}
+
+
+def split_backbone_preset(arg) -> tuple:
+  """'swin_t_coco' -> ('swin_t', 'coco'), 'vit_demo' -> ('vit_b16', 'demo'),
+  'vit_b8' -> ('vit_b8', 'imagenet'), 'demo' -> (None, 'demo'),
+  None -> (None, 'imagenet'). The second part is not validated here."""
+  arg = arg or "imagenet"
+  for name in sorted((*BACKBONE_PRESETS, *_FAMILIES), key=len, reverse=True):
+    if arg == name or arg.startswith(name + "_"):
+      return _FAMILIES.get(name, name), arg[len(name) + 1:] or "imagenet"
+  return None, arg
+
+
+def use_backbone(c: ml_collections.ConfigDict, name: str, preset: str) -> None:
+  """Puts the named transformer in place of the ResNet, with its optimiser."""
+  m, o = c.model, c.optimizer
+  if name in _VIT_SIZES:
+    m.backbone = "vit"
+    m.vit.patch_size, m.vit.depth, m.vit.width, m.vit.num_heads = (
+        _VIT_SIZES[name])
+    m.feature_stage = "tokens"   # the patch-token grid is the hidden map h
+    m.fpn_channels = 0           # one map: no pyramid (Odin App. A.1)
+    c.r2o.region_stage = "tokens"
+    # Odin App. A.3: Adam, lr 3e-4 at batch 2048, weight decay 0.1,
+    # β = (0.9, 0.95), 300 epochs. Decoupled decay (AdamW); the lr scales
+    # with batch / 256 like every lr here, so it is 3e-4 at 2048.
+    o.name = "adamw"
+    c.batch_size = 2048
+    o.base_learning_rate = 3e-4 * 256 / 2048
+    o.weight_decay = 0.1
+    o.adam_b1, o.adam_b2 = 0.9, 0.95
+    c.num_epochs = 300
+    if preset not in ("demo", "test"):
+      c.eval.image_size = 448    # Odin App. A.4 (B/8: a 56x56 token grid)
+  elif name in _SWIN_SIZES:
+    m.backbone = "swin"
+    m.swin.embed_dim, m.swin.depths, m.swin.num_heads = _SWIN_SIZES[name]
+    o.clip_norm = 1.0            # Odin App. A.3: LARS + clipping at norm 1
+  else:
+    raise ValueError(f"Unknown backbone preset {name!r}; choose one of "
+                     f"{BACKBONE_PRESETS}.")
+
+
+def small_backbone(c: ml_collections.ConfigDict, preset: str) -> None:
+  """The family's tiny network at demo / test scale (cf. ResNet-18 x0.5)."""
+  m, o = c.model, c.optimizer
+  demo = preset == "demo"
+  if m.backbone == "vit":
+    # Patch 8: 12x12 tokens at 96 px, 10x10 at 80 px. Demo: 4 blocks of
+    # width 128 (~1.6x the FLOPs of the ResNet-18 x0.5 demo at 96 px).
+    m.vit.patch_size, m.vit.depth, m.vit.width, m.vit.num_heads = (
+        (8, 4, 128, 4) if demo else (8, 2, 32, 2))
+    # AdamW at a peak lr of 1e-3 (the paper's 3e-4 is for batch 2048).
+    o.base_learning_rate = 1e-3 * 256 / c.batch_size
+  elif m.backbone == "swin":
+    m.swin.embed_dim, m.swin.depths, m.swin.num_heads = (
+        (32, (2, 2, 2, 2), (1, 2, 4, 8)) if demo else
+        # test: one W-MSA + SW-MSA pair (on a padded 20x20 map at 80 px),
+        # then one block per stage: transformer blocks are slow to compile.
+        (16, (2, 1, 1, 1), (1, 1, 2, 2)))

@@ -2,6 +2,8 @@
 
   python -m odin_jax.main --config=configs/detcon_b.py --workdir=DIR
   python -m odin_jax.main --config=configs/detcon_b.py:demo --workdir=DIR
+  python -m odin_jax.main --config=configs/detcon_b.py:vit_b16 --workdir=DIR
+  python -m odin_jax.main --config=configs/detcon_b.py:vit_demo --workdir=DIR
 """
 from configs import common
 

@@ -10,6 +10,8 @@ The hidden map h is the FPN's stride-4 output 'p2'.
 
   python -m odin_jax.main --config=configs/odin.py --workdir=DIR
   python -m odin_jax.main --config=configs/odin.py:demo --workdir=DIR
+  python -m odin_jax.main --config=configs/odin.py:vit_b8 --workdir=DIR
+  python -m odin_jax.main --config=configs/odin.py:swin_t --workdir=DIR
 """
 from configs import common
 
@@ -24,8 +26,15 @@ def get_config(arg=None):
   c.masks.method = "grid"
   c.masks.grid_size = 1
   c = common.apply_preset(c, arg)
+  if c.model.backbone == "vit":
+    # Odin App. A.1: the spanning view is 224 px for ViTs (448 otherwise);
+    # k-means runs on the token grid's projections (no FPN).
+    c.odin.span_scale = 1.0
+    if c.dataset.name != "demo":
+      c.num_epochs = 100           # Odin §4.2: ViT-B/8 for 100 epochs
   if c.dataset.name == "demo":     # demo / test presets: a small FPN
-    c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
+    if c.model.fpn_channels:
+      c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
     c.odin.image_every_steps = 50
     # Periodic evaluation (~50 s a call here, mostly compiling) would push
     # the demo past 5 minutes: --config.eval.every_steps=100 turns it on.

@@ -17,13 +17,20 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 # Fields that may change between a run and its resumption without
-# invalidating the checkpoint (logging, schedules of saving, block mode).
+# invalidating the checkpoint (logging, schedules of saving, block mode), and
+# (dotted: one field of a section) the memory/profiling knobs, which change
+# how the same computation is laid out, not what it computes: a run resumed
+# on a bigger slice may turn FSDP or remat off, and may profile other steps.
 _MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "max_to_keep",
-                   "block_every_step", "total_steps", "num_epochs", "eval")
+                   "block_every_step", "total_steps", "num_epochs", "eval",
+                   "profile", "sharding", "model.remat")
 
 
 def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # A URL (gs://bucket/run, read by orbax directly) stays as it is: abspath
+  # would turn it into ./gs:/bucket/run.
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  directory = os.path.join(root, "checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(directory, options=options)
@@ -61,12 +68,30 @@ def restore_latest(mngr: ocp.CheckpointManager, state, config):
 
 def _check_compatible(meta: dict, config, directory) -> None:
   import json
-  saved = json.loads(meta["config"])
-  now = json.loads(config.to_json())
+  saved = _flatten(json.loads(meta["config"]))
+  now = _flatten(json.loads(config.to_json()))
   diffs = [k for k in sorted(set(saved) | set(now))
-           if k not in _MUTABLE_FIELDS and saved.get(k) != now.get(k)]
+           if not _is_mutable(k) and saved.get(k) != now.get(k)]
   if diffs:
     raise ValueError(
         f"The checkpoint in {directory} was written with a different config "
         f"(fields {diffs} differ). Use a new --workdir for a new experiment, "
         "or pass the original config to resume.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{'model': {'depth': 50}} -> {'model.depth': 50}."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
+def _is_mutable(name: str) -> bool:
+  """True if `name` or a section containing it is in _MUTABLE_FIELDS."""
+  parts = name.split(".")
+  return any(".".join(parts[:i]) in _MUTABLE_FIELDS
+             for i in range(1, len(parts) + 1))

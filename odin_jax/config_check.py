@@ -10,7 +10,7 @@ from __future__ import annotations
 from odin_jax import losses
 from odin_jax.models import resnet
 
-MASK_METHODS = ("fh", "slic", "grid", "gt")
+MASK_METHODS = ("fh", "slic", "grid", "gt", "hierarchy")
 FEATURE_STAGES = ("stage1", "stage2", "stage3", "stage4")
 FPN_STAGES = ("p2", "p3", "p4", "p5")
 ODIN_UPDATES = ("ema", "copy")
@@ -40,9 +40,9 @@ def validate(config) -> None:
   _require(config.image_size >= 32, f"image_size={config.image_size} is too "
            "small for a ResNet (needs >= 32 px).")
   _require(config.num_masks >= 1, "num_masks must be >= 1.")
-  _require(config.loss.name in losses.LOSSES,
-           f"loss.name={config.loss.name!r}; choose one of "
-           f"{sorted(losses.LOSSES)}.")
+  _require(config.loss.name in losses.LOSSES or config.loss.name ==
+           "hiergroup", f"loss.name={config.loss.name!r}; choose one of "
+           f"{sorted(losses.LOSSES) + ['hiergroup']}.")
   _require(config.loss.temperature > 0, "loss.temperature must be > 0.")
   if config.loss.name in ("byol", "simclr"):
     _require(config.num_masks == 1,
@@ -59,10 +59,13 @@ def validate(config) -> None:
            f"model.depth={config.model.depth}; choose one of "
            f"{sorted(resnet.STAGE_SIZES)}.")
   _require(config.model.width > 0, "model.width must be > 0.")
+  _validate_backbone(config)
   stage = config.model.feature_stage
-  _require(stage in FEATURE_STAGES + FPN_STAGES,
-           f"model.feature_stage={stage!r}; choose one of "
-           f"{FEATURE_STAGES + FPN_STAGES}.")
+  maps = _backbone_maps(config)
+  maps += FPN_STAGES if maps == FEATURE_STAGES else ()
+  _require(stage in maps,
+           f"model.feature_stage={stage!r}; choose one of {maps} for "
+           f"model.backbone={config.model.get('backbone', 'resnet')!r}.")
   _require(stage not in FPN_STAGES or config.model.fpn_channels > 0,
            f"model.feature_stage={stage!r} is an FPN output: set "
            "model.fpn_channels > 0 (256 in Odin).")
@@ -75,31 +78,148 @@ def validate(config) -> None:
     _require(o.num_clusters >= 2 and o.kmeans_iters >= 1,
              "odin.num_clusters must be >= 2 and odin.kmeans_iters >= 1.")
     _require(o.span_scale >= 1.0, "odin.span_scale must be >= 1 (Odin: 2).")
-  r = config.r2o
-  if r.enabled:
-    _require(not o.enabled, "odin.enabled and r2o.enabled are exclusive: "
     _require(not o.get("cached", False) or o.tau_update == "copy",
              "odin.cached=True needs odin.tau_update='copy' (masks of a "
              "continuously updated τ change every step and cannot be cached).")
+  r = config.r2o
+  if r.enabled:
+    _require(not o.enabled, "odin.enabled and r2o.enabled are exclusive: "
              "each method discovers its own masks.")
     _require(config.ema.enabled, "R2O needs the target network "
              "(ema.enabled=True): its C4 features define the regions.")
     _require(config.masks.method in ("slic", "fh", "grid"),
              "r2o needs a region prior: masks.method 'slic' (paper), 'fh' "
              "or 'grid'.")
-    _require(r.region_stage in FEATURE_STAGES,
+    _require(r.region_stage in _backbone_maps(config),
              f"r2o.region_stage={r.region_stage!r}; choose one of "
-             f"{FEATURE_STAGES} ('stage3' = C4 in the paper).")
+             f"{_backbone_maps(config)} ('stage3' = C4 in the paper, "
+             "'tokens' for a ViT).")
     _require(1 <= r.k_end <= r.k_start, "r2o needs 1 <= k_end <= k_start.")
     _require(r.group_size >= 1 and config.batch_size % r.group_size == 0,
              f"r2o.group_size={r.group_size} must divide batch_size="
              f"{config.batch_size}; use the per-device batch as R2O does.")
     _require(o.span_scale >= 1.0, "odin.span_scale (the spanning view's "
              "scale, shared with R2O) must be >= 1.")
-  _require(config.model.dtype in ("float32", "bfloat16", "float16"),
+  # float16 would need loss scaling (its gradients underflow), which the
+  # step does not do; bfloat16 has float32's exponent range and does not.
+  _require(config.model.dtype in ("float32", "bfloat16"),
            f"model.dtype={config.model.dtype!r}; use 'float32' or "
            "'bfloat16'.")
+  _validate_scale(config)
+  if config.loss.name == "hiergroup":
+    _validate_hiergroup(config)
+  schedule = config.optimizer.get("schedule", "cosine")
+  _require(schedule in ("cosine", "piecewise"), f"optimizer.schedule="
+           f"{schedule!r}; choose 'cosine' or 'piecewise'.")
+  if schedule == "piecewise":
+    o = config.optimizer
+    _require(all(0 < f <= 1 for f in o.decay_at) and o.decay_factor > 0,
+             "optimizer.decay_at must be fractions of training in (0, 1] "
+             "and optimizer.decay_factor > 0.")
   _require(0.0 <= config.ema.base_decay <= 1.0,
            "ema.base_decay must be in [0, 1].")
   _require(config.optimizer.base_learning_rate > 0,
            "optimizer.base_learning_rate must be > 0.")
+
+
+def _validate_scale(config) -> None:
+  """model.remat, sharding.* and profile.* (docs/scale.md)."""
+  _require(config.model.remat in resnet.REMAT_MODES,
+           f"model.remat={config.model.remat!r}; choose one of "
+           f"{resnet.REMAT_MODES}.")
+  _require(config.sharding.fsdp_min_size >= 0,
+           "sharding.fsdp_min_size must be >= 0 (elements).")
+  p = config.profile
+  _require(p.num_steps >= 0 and p.start_step >= 1,
+           f"profile.start_step={p.start_step} must be >= 1 (steps count "
+           f"from 1) and profile.num_steps={p.num_steps} >= 0 (0 = off).")
+
+
+# --- Backbones and optimiser (docs/transformers.md) ------------------------
+
+BACKBONES = ("resnet", "vit", "swin")
+OPTIMIZERS = ("lars", "adamw", "adam")
+
+
+def _backbone_maps(config) -> tuple[str, ...]:
+  """The feature maps the backbone returns (without an FPN's)."""
+  if config.model.get("backbone", "resnet") == "vit":
+    return ("tokens",)
+  return FEATURE_STAGES
+
+
+def _validate_backbone(config) -> None:
+  """model.backbone, model.vit.* / model.swin.*, optimizer.name / clip_norm."""
+  m = config.model
+  kind = m.get("backbone", "resnet")
+  _require(kind in BACKBONES, f"model.backbone={kind!r}; choose one of "
+           f"{BACKBONES}.")
+  if kind == "vit":
+    v = m.vit
+    _require(v.patch_size >= 1 and v.depth >= 1 and v.mlp_ratio > 0,
+             "model.vit.patch_size and model.vit.depth must be >= 1 and "
+             "model.vit.mlp_ratio > 0.")
+    _require(v.num_heads >= 1 and v.width % v.num_heads == 0,
+             f"model.vit.width={v.width} must be a multiple of "
+             f"model.vit.num_heads={v.num_heads}.")
+    _require(m.fpn_channels == 0, "model.backbone='vit' has one map "
+             "('tokens'): set model.fpn_channels=0 (Odin uses no FPN on "
+             "ViTs).")
+    _require(config.image_size % v.patch_size == 0,
+             f"image_size={config.image_size} must be a multiple of "
+             f"model.vit.patch_size={v.patch_size} (or masks and tokens "
+             "would not align).")
+    if config.odin.enabled or config.r2o.enabled:
+      span = round(config.odin.span_scale * config.image_size)
+      _require(span % v.patch_size == 0,
+               f"the spanning view ({span} px = odin.span_scale x "
+               f"image_size) must be a multiple of model.vit.patch_size="
+               f"{v.patch_size}.")
+  elif kind == "swin":
+    s = m.swin
+    _require(len(s.depths) == 4 and len(s.num_heads) == 4 and
+             min(s.depths) >= 1,
+             f"model.swin.depths={tuple(s.depths)} and model.swin.num_heads="
+             f"{tuple(s.num_heads)} need 4 stages of >= 1 block.")
+    _require(all(heads >= 1 and (s.embed_dim * 2**i) % heads == 0
+                 for i, heads in enumerate(s.num_heads)),
+             f"model.swin.num_heads={tuple(s.num_heads)} must divide each "
+             f"stage's width (embed_dim={s.embed_dim} x 1, 2, 4, 8).")
+    _require(s.window >= 1 and s.patch_size >= 1 and s.mlp_ratio > 0,
+             "model.swin.window and model.swin.patch_size must be >= 1 and "
+             "model.swin.mlp_ratio > 0.")
+  o = config.optimizer
+  _require(o.get("name", "lars") in OPTIMIZERS,
+           f"optimizer.name={o.get('name')!r}; choose one of {OPTIMIZERS}.")
+  _require(o.get("clip_norm", 0.0) >= 0,
+           "optimizer.clip_norm must be >= 0 (0 = no clipping).")
+  if o.get("name", "lars") in ("adamw", "adam"):
+    _require(0 <= o.adam_b1 < 1 and 0 <= o.adam_b2 < 1,
+             "optimizer.adam_b1 and optimizer.adam_b2 must be in [0, 1).")
+
+
+def _validate_hiergroup(config) -> None:
+  """loss.name='hiergroup' (hierarchical grouping, configs/hiergroup.py)."""
+  h = config.get("hiergroup")
+  _require(h is not None, "loss.name='hiergroup' needs the config.hiergroup "
+           "section: start from configs/hiergroup.py.")
+  _require(config.masks.method == "hierarchy",
+           "loss.name='hiergroup' samples pixels by region-tree distance: "
+           "set masks.method='hierarchy'.")
+  _require(not config.ema.enabled, "loss.name='hiergroup' has no target "
+           "network: set ema.enabled=False.")
+  _require(not (config.odin.enabled or config.r2o.enabled or
+                config.loss.local_negatives),
+           "loss.name='hiergroup' works on the data's region trees: turn off "
+           "odin.enabled, r2o.enabled and loss.local_negatives.")
+  _require(config.model.get("backbone", "resnet") == "resnet",
+           "loss.name='hiergroup' uses the ResNet hypercolumn head: set "
+           "model.backbone='resnet'.")
+  _require(h.num_regions >= 1 and h.num_positives >= 1 and
+           h.num_negatives >= 0 and h.cross_image_negatives >= 0,
+           "hiergroup.num_regions and num_positives must be >= 1, "
+           "num_negatives and cross_image_negatives >= 0.")
+  _require(h.sigma_p > 0, "hiergroup.sigma_p must be > 0 (paper: 0.8).")
+  _require(set(h.stages) <= {"stage1", "stage2", "stage3", "stage4"},
+           f"hiergroup.stages={tuple(h.stages)}; use ResNet stages "
+           "('stage2', 'stage3' = res3, res4 in the paper).")

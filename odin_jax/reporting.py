@@ -18,17 +18,27 @@ from clu import metric_writers
 from clu.metric_writers import interface
 
 
+def _open(path: str, mode: str):
+  """open() for local paths; TensorFlow's gfile for URLs (gs://bucket/run),
+  whose append mode rewrites the object (metrics files stay small)."""
+  if "://" in path:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.GFile(path, mode)
+  return open(path, mode, encoding="utf-8")
+
+
 class JsonlWriter(interface.MetricWriter):
   """Appends `{"step": s, name: value, ...}` lines to a file."""
 
   def __init__(self, path: str):
     self._path = path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if "://" not in path:   # object stores have no directories to make
+      os.makedirs(os.path.dirname(path), exist_ok=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a", encoding="utf-8") as f:
+    with _open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
   def write_summaries(self, step, values, metadata=None): pass
@@ -57,7 +67,7 @@ def read_metrics(workdir: str) -> list[dict]:
   """The records of `workdir/metrics.jsonl`, later duplicates of a step win."""
   path = os.path.join(workdir, "metrics.jsonl")
   by_step = {}
-  with open(path, encoding="utf-8") as f:
+  with _open(path, "r") as f:
     for line in f:
       rec = json.loads(line)
       by_step.setdefault(rec["step"], {}).update(rec)

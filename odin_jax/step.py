@@ -20,6 +20,10 @@ Batch (global, sharded over 'data'):
   span         float32 [B, 2S, 2S, 3] the spanning view (no colour, no flip)
   box1, box2   float32 [B, 4] each view's (y0, x0, y1, x1) in the span, [0, 1]
   flip1, flip2 bool    [B]
+  Hierarchical grouping (loss.name 'hiergroup', masks.method 'hierarchy'):
+  hierarchy    float32 [B, L, L] region-tree distances between the leaf ids
+               of mask1/mask2; the network embeds pixels and hiergroup.py
+               samples pixel pairs and computes the loss instead.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from odin_jax import losses, objects
+from odin_jax import hiergroup, losses, objects
 from odin_jax.discovery import kmeans as kmeans_lib
 from odin_jax.discovery import mapping
 from odin_jax.models import fpn as fpn_lib
 from odin_jax.models import resnet
+from odin_jax.models import swin
+from odin_jax.models import vit
 
 Batch = dict[str, jax.Array]
 
@@ -64,8 +70,24 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
 
 
 def learning_rate_schedule(config, total_steps: int, warmup_steps: int):
-  """Linear warm-up to base_lr × batch/256, then cosine decay to 0."""
+  """Linear warm-up to base_lr × batch/256, then cosine decay to 0.
+
+  optimizer.schedule='piecewise' instead keeps the peak and multiplies it
+  by optimizer.decay_factor at each fraction optimizer.decay_at of the
+  training steps (hierarchical grouping: ×0.1 at epochs 25, 45, 60 of 80).
+  """
   peak = config.optimizer.base_learning_rate * config.batch_size / 256
+  o = config.optimizer
+  if o.get("schedule", "cosine") == "piecewise":
+    scales = {}
+    for fraction in o.decay_at:   # fractions that round to one step compound
+      at = int(round(fraction * total_steps))
+      scales[at] = scales.get(at, 1.0) * o.decay_factor
+    steps = optax.piecewise_constant_schedule(peak, scales)
+    if not warmup_steps:
+      return steps
+    return lambda step: jnp.where(step < warmup_steps,
+                                  peak * step / warmup_steps, steps(step))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
@@ -200,6 +222,8 @@ def make_mask_discovery(config, model, discovery_rate=None,
   data's masks (downsample_segments pools them like precomputed masks).
   """
   size = config.image_size
+  if config.odin.enabled and config.odin.get("cached", False):
+    return None      # discovered once per period: data (discovery/cache.py)
   if config.odin.enabled:
     if discovery_rate is None:
       raise ValueError("odin.enabled needs discovery_rate "
@@ -222,32 +246,69 @@ def make_mask_discovery(config, model, discovery_rate=None,
     span_segments = segment(state, batch, key)
     mask1, mask2 = mapping.views_from_span(span_segments, batch, (size, size))
     return {"span_segments": span_segments, "mask1": mask1, "mask2": mask2}
-  if config.odin.enabled and config.odin.get("cached", False):
-    return None      # discovered once per period: data (discovery/cache.py)
 
   return found
 
 
+# Transformer parameters with ndim > 1 that are no weights (timm's
+# no_weight_decay): position embeddings, class token, relative position bias.
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "relative_position_bias_table")
+
+
 def _exclude_bias_and_norm(params):
-  """True for weights that get weight decay and trust ratio (ndim > 1)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for weights that get weight decay and trust ratio (ndim > 1, and
+  not one of _NO_DECAY_NAMES)."""
+  def decays(path, p):
+    names = {getattr(k, "key", None) for k in path}
+    return p.ndim > 1 and not names & set(_NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config, lr_schedule) -> optax.GradientTransformation:
-  """LARS; biases and BatchNorm parameters skip weight decay and trust ratio."""
+  """optimizer.name: 'lars' (default), 'adamw' (ViT, Odin App. A.3) or
+  'adam' (hierarchical grouping; weight_decay as PyTorch Adam's L2 term).
+
+  Biases, norm parameters and the _NO_DECAY_NAMES skip weight decay (and
+  LARS's trust ratio). optimizer.clip_norm > 0 clips the gradients to that
+  global norm first (Swin, Odin App. A.3).
+  """
   o = config.optimizer
-  return optax.lars(
-      learning_rate=lr_schedule, weight_decay=o.weight_decay,
-      weight_decay_mask=_exclude_bias_and_norm,
-      trust_coefficient=o.trust_coefficient,
-      trust_ratio_mask=_exclude_bias_and_norm, momentum=o.momentum)
+  name = o.get("name", "lars")
+  if name == "lars":
+    tx = optax.lars(
+        learning_rate=lr_schedule, weight_decay=o.weight_decay,
+        weight_decay_mask=_exclude_bias_and_norm,
+        trust_coefficient=o.trust_coefficient,
+        trust_ratio_mask=_exclude_bias_and_norm, momentum=o.momentum)
+  elif name == "adamw":
+    tx = optax.adamw(learning_rate=lr_schedule, b1=o.adam_b1, b2=o.adam_b2,
+                     weight_decay=o.weight_decay, mask=_exclude_bias_and_norm)
+  elif name == "adam":   # hierarchical grouping; decay as an L2 term
+    tx = optax.adam(learning_rate=lr_schedule, b1=o.adam_b1, b2=o.adam_b2)
+    if o.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(o.weight_decay,
+                                                 _exclude_bias_and_norm), tx)
+  else:
+    raise ValueError(f"optimizer.name={name!r}; choose 'lars', 'adamw' or "
+                     "'adam'.")
+  if o.get("clip_norm", 0.0) > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+  return tx
 
 
 def feature_grid(config, image_size: int | None = None) -> tuple[int, int]:
-  """Side of the hidden map h (7x7 for R50 stage4 at 224, 56x56 for 'p2')."""
+  """Side of the hidden map h (7x7 for R50 stage4 at 224, 56x56 for 'p2',
+  S/p for ViT tokens, e.g. 28x28 for B/8 at 224)."""
   stage = config.model.feature_stage
-  side = resnet.stage_grid(image_size or config.image_size,
-                           fpn_lib.LEVEL_STAGE.get(stage, stage))
+  size = image_size or config.image_size
+  backbone = config.model.get("backbone", "resnet")
+  if backbone == "vit":      # 'tokens': one cell per patch
+    return (vit.token_grid(size, config.model.vit.patch_size),) * 2
+  stage = fpn_lib.LEVEL_STAGE.get(stage, stage)
+  if backbone == "swin":
+    side = swin.stage_grid(size, stage, config.model.swin.patch_size)
+  else:
+    side = resnet.stage_grid(size, stage)
   return side, side
 
 
@@ -290,8 +351,9 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
   grid = feature_grid(config)
   num_masks = config.num_masks
   use_target = bool(config.ema.enabled)
-  loss_fn = functools.partial(losses.get_loss(config.loss.name),
-                              temperature=config.loss.temperature)
+  pixel_level = config.loss.name == hiergroup.LOSS_NAME   # own forward_loss
+  loss_fn = None if pixel_level else functools.partial(
+      losses.get_loss(config.loss.name), temperature=config.loss.temperature)
   if config.loss.local_negatives:
     if mesh is None:
       raise ValueError("loss.local_negatives=True needs the device mesh.")
@@ -332,6 +394,8 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     segments = 0.5 * (_num_unique(cells1) + _num_unique(cells2))
     return loss, (upd["batch_stats"], segments)
 
+  if pixel_level:   # hierarchical grouping: pixel sampling + its loss
+    forward_loss = hiergroup.make_forward_loss(config, model)
   grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
@@ -341,7 +405,8 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
       found = discover(state, batch, discovery_key(state))
       batch = dict(batch, mask1=found["mask1"], mask2=found["mask2"])
       extra["train/discovered_segments"] = _num_unique(found["span_segments"])
-    batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2")}
+    batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2",
+                                   "hierarchy") if k in batch}
     k = config.grad_accum_steps
     if k == 1:
       (loss, (stats, segs)), grads = grad_fn(

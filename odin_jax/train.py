@@ -16,12 +16,14 @@ import threading
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from odin_jax import checkpoint, config_check, reporting, sharding, step
+from odin_jax import (checkpoint, config_check, profiling, reporting,
+                      sharding, step)
 from odin_jax.data import pipeline, sources
+from odin_jax.discovery import cache as mask_cache
 from odin_jax.evaluate import pictures, runner
 from odin_jax.models import heads
-from odin_jax.discovery import cache as mask_cache
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -29,16 +31,53 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+  """Turns SIGTERM into a stop the loop checks: save, then exit cleanly.
 
-  def __init__(self):
+  One process: a Python SIGTERM handler sets a flag. Several processes: the
+  save is collective, so all must stop at the same step, yet the signal
+  reaches hosts at different steps (or only some hosts). Then JAX's
+  preemption sync manager (started by jax.distributed.initialize) catches
+  SIGTERM, spreads the notice through the coordination service, and
+  `reached_preemption_sync_point(step)` turns True on every process at the
+  same step: one past the largest step any process last reported. Steps are
+  the global step numbers, which orbax reports to the same manager when it
+  saves. No Python handler is installed then (it would replace JAX's).
+  """
+
+  def __init__(self, start_step: int):
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1 and \
+        jax.distributed.is_initialized()
+    if self._synced:
+      # Reports where this run starts, so that a notice arriving before the
+      # first step (during compilation) stops the run after that step. A
+      # notice before this call is missed (sync point 1, behind a resumed
+      # run); nothing is lost then: no step has run since the checkpoint.
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(
+            start_step)
+      except RuntimeError as e:   # jax_enable_preemption_service=False
+        logging.warning("No preemption sync (%s): each process handles "
+                        "SIGTERM alone, and they may stop at different "
+                        "steps.", e)
+        self._synced = False
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._synced and \
+        threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def stop_at(self, step_number: int) -> bool:
+    """Whether to save and stop after `step_number` (every process calls
+    this once per step)."""
+    if self._synced and multihost_utils.reached_preemption_sync_point(
+        step_number):
+      logging.warning("Preemption notice: all processes save step %d and "
+                      "exit.", step_number)
+      self.requested = True
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -77,7 +116,7 @@ _SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay",
                      "train/discovery_rate", "train/num_clusters")
 # Batch entries the train step reads (Odin's only when present).
 _STEP_KEYS = ("view1", "view2", "mask1", "mask2", "span", "box1", "box2",
-              "flip1", "flip2", "span_mask")
+              "flip1", "flip2", "span_mask", "hierarchy")
 _NUM_PICTURES = 4
 
 
@@ -112,7 +151,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
     workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
     devices: devices for the mesh (default: all).
   Returns:
-    The final TrainState (replicated on the mesh).
+    The final TrainState (replicated on the mesh, or FSDP-sharded).
   """
   config_check.validate(config)
   mesh = sharding.make_mesh(devices)
@@ -126,12 +165,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   tx = step.make_optimizer(config, lr_schedule)
 
   replicated = sharding.replicated(mesh)
-  init = jax.jit(lambda rng: step.create_train_state(config, model, tx, rng),
-                 out_shardings=replicated)
-  state = init(jax.random.PRNGKey(config.seed))
+  make_state = lambda rng: step.create_train_state(config, model, tx, rng)
+  rng = jax.random.PRNGKey(config.seed)
+  # Replicated, or split over 'data' with sharding.fsdp (sharding.py).
+  state_sharding = sharding.state_shardings(
+      config, mesh, jax.eval_shape(make_state, rng))
+  state = jax.jit(make_state, out_shardings=state_sharding)(rng)
   mngr = checkpoint.manager(workdir, config.max_to_keep)
   state = checkpoint.restore_latest(mngr, state, config)
   start = int(jax.device_get(state.step))
+  preemption = _Preemption(start)   # before the long compile of the step
 
   schedules = {  # Odin's λ_τ and R2O's K, when the method has them
       "discovery_rate": step.discovery_rate_schedule(
@@ -140,8 +183,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   train_step = jax.jit(
       step.make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh,
                            **schedules),
-      in_shardings=(replicated, sharding.batch_sharded(mesh)),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
+      in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   discover = step.make_mask_discovery(config, model, **schedules)
   preview = (_discovery_preview(discover, replicated)
              if discover is not None else None)
@@ -205,8 +248,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       if jax.process_index() == 0:
         logging.info(progress.line(number, scalars))
 
-  with _Preemption() as preemption:
+  with preemption, \
+      profiling.StepProfiler(config, workdir) as profiler:
     for number in range(start + 1, total_steps + 1):
+      profiler.before_step(number, state)   # config.profile's trace window
       batch = next(batches)
       device_batch = sharding.to_global(
           mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
@@ -222,7 +267,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
         finish(pending)
       pending = (number, metrics)
       # Read the flag once: SIGTERM may land anywhere in this iteration.
-      stop = preemption.requested
+      stop = preemption.stop_at(number)
       save_now = (number % config.checkpoint_every_steps == 0
                   or number == total_steps or stop)
       if block or save_now:
@@ -230,6 +275,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
         pending = None
       if save_now:
         checkpoint.save(mngr, state, config)
+      if cached is not None and cached.refresh_due(number) and not stop and \
+          number < total_steps:
+        mngr.wait_until_finished()   # a refresh takes a while: save first
+        batches = input_batches(number, state)
       if stop:
         mngr.wait_until_finished()
         logging.warning("Saved step %d in %s after SIGTERM; exiting.",
@@ -259,7 +308,3 @@ def _flat_hparams(config) -> dict:
   visit("", config)
   return flat
 
-      if cached is not None and cached.refresh_due(number) and not stop and \
-          number < total_steps:
-        mngr.wait_until_finished()   # a refresh takes a while: save first
-        batches = input_batches(number, state)

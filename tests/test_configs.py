@@ -9,7 +9,10 @@ METHODS = {"detcon_b": detcon_b, "detcon_s": detcon_s, "byol": byol,
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("preset", [None, *common.PRESETS])
+@pytest.mark.parametrize("preset", [None, *common.PRESETS,
+                                    *common.BACKBONE_PRESETS, "vit_demo",
+                                    "vit_test", "swin_demo", "swin_test",
+                                    "swin_t_coco"])
 def test_every_config_builds_and_validates(name, preset):
   config = METHODS[name].get_config(preset)
   assert config.method == name

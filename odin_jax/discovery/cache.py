@@ -100,11 +100,12 @@ class MaskCache:
     self.period = period_steps(config, self.num_examples)
     self.span_size = int(round(config.odin.span_scale * config.image_size))
     self.batch_size = int(config.batch_size)
-    replicated = sharding.replicated(mesh)
     discover = step_lib.make_discover(config, model)
+    # τ and the statistics keep the state's layout (replicated, or sharded
+    # with sharding.fsdp); the images are split over 'data'.
     self._discover = jax.jit(
-        discover, in_shardings=(replicated, replicated,
-                                sharding.batch_sharded(mesh), replicated),
+        discover, in_shardings=(None, None, sharding.batch_sharded(mesh),
+                                None),
         out_shardings=sharding.batch_sharded(mesh))
 
   def period_of(self, step: int) -> int:

@@ -32,7 +32,8 @@ applied to every cell of the model's own hidden map, config.model
 .feature_stage). eval.feature='auto' picks 'projection' when the model has an
 FPN (Odin App. A.4 clusters the FPN projections z) and 'stage3' otherwise
 (see "Resolution" below; App. A.4's ResNet protocol is feature='stage4' at
-image_size=1024).
+image_size=1024); for a ViT it picks 'tokens', its final hidden layer (App.
+A.4: ViTs at 448 px, B/8 -> 56x56; docs/transformers.md).
 
 Evaluations (`EVALUATIONS`; each returns metrics, info and pictures):
   discovery     Odin App. A.4: L2-normalised features, k-means for K in
@@ -126,7 +127,7 @@ from odin_jax.evaluate import video
 
 EVALUATIONS = ("discovery", "instances", "video", "linear_probe", "knn",
                "pictures")
-MASK_METHODS = ("fh", "slic", "grid", "gt")
+MASK_METHODS = ("fh", "slic", "grid", "gt", "hierarchy")
 SOURCES = ("checkpoint", "random") + tuple(f"masks:{m}" for m in MASK_METHODS)
 PARAM_KEYS = ("params", "target_params", "discovery_params")
 # Fixed per-evaluation PRNG streams: results do not depend on `which`.
@@ -142,7 +143,8 @@ class EvalSettings:
   periodic: evaluations run during training (cheap by default).
   evals: evaluations run by `python -m odin_jax.evaluate` by default.
   feature: 'auto' | 'projection' | a feature map name ('stage4', 'p2', ...);
-    'auto' = 'projection' with an FPN, else 'stage3'.
+    'auto' = 'projection' with an FPN, 'tokens' for a ViT, 'embedding' for
+    hiergroup (its 32-d per-pixel embedding, stride 4), else 'stage3'.
   image_size: network input side (demo scenes are resized to it).
   batch_size: images per jitted forward pass.
   seed: PRNG seed of k-means, spectral clustering and the probe.
@@ -306,7 +308,6 @@ def _check_same_structure(restored, expected, what: str, directory) -> None:
         "(same model.* fields).")
 
 
-def load_params(config, workdir: str, step: int | None = None,
 def restore_checkpoint(workdir: str, step: int | None = None, *,
                        with_state: bool = True):
   """Raw contents of workdir/checkpoints/<step> (latest if None).
@@ -350,6 +351,7 @@ def restore_checkpoint(workdir: str, step: int | None = None, *,
   return restored["state"] if with_state else None, restored["meta"], step
 
 
+def load_params(config, workdir: str, step: int | None = None,
                 params_key: str = "params"):
   """Network parameters of a checkpoint: (params, batch_stats, step).
 
@@ -408,7 +410,13 @@ def _warn_config_differences(meta: dict, config, directory) -> None:
 
 
 def default_feature(config) -> str:
-  """'projection' with an FPN (Odin App. A.4), else 'stage3' (module doc)."""
+  """'projection' with an FPN (Odin App. A.4), else 'stage3' (module doc);
+  a ViT's final hidden layer 'tokens' (App. A.4: "the final hidden layer h"
+  for ViTs). A Swin is treated like a ResNet (same strides)."""
+  if config.model.get("backbone", "resnet") == "vit":
+    return "tokens"
+  if config.loss.name == "hiergroup":   # the learnt per-pixel embedding F
+    return "embedding"
   return "projection" if config.model.get("fpn_channels", 0) else "stage3"
 
 
@@ -461,8 +469,11 @@ class FeatureSource:
     self.image_size = image_size
     self.batch_size = int(batch_size)
     self._config = config
-    self._model_json = json.dumps(json.loads(config.to_json())["model"],
-                                  sort_keys=True)
+    # What heads.from_config builds from: model.*, and the hiergroup head.
+    self._model_json = json.dumps(
+        {k: v for k, v in json.loads(config.to_json()).items()
+         if k in ("model", "hiergroup")} | {"loss": config.loss.name},
+        sort_keys=True)
     # Host copies: the evaluation runs on one device whatever the mesh.
     self._variables = jax.device_get({"params": params,
                                       "batch_stats": batch_stats})

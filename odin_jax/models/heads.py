@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from odin_jax import objects
 from odin_jax.models import fpn as fpn_lib
 from odin_jax.models import resnet
+from odin_jax.models import swin
+from odin_jax.models import vit
 
 
 class MLP(nn.Module):
@@ -60,11 +62,23 @@ class ObjectNetwork(nn.Module):
   fpn_channels: int = 0          # > 0: FPN on stages 1-4 ('p2'..'p5' maps)
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  remat: str = "none"            # backbone rematerialisation (resnet.py)
+  # 'resnet' (depth, width above) | 'vit' | 'swin': then backbone_options
+  # are the vit.ViT / swin.Swin fields as ((name, value), ...) pairs.
+  backbone_kind: str = "resnet"
+  backbone_options: tuple = ()
 
   def setup(self):
-    self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
-                                  zero_init_residual=self.zero_init_residual,
-                                  dtype=self.dtype)
+    if self.backbone_kind == "vit":
+      self.backbone = vit.ViT(**dict(self.backbone_options), dtype=self.dtype,
+                              remat=self.remat)
+    elif self.backbone_kind == "swin":
+      self.backbone = swin.Swin(**dict(self.backbone_options),
+                                dtype=self.dtype, remat=self.remat)
+    else:
+      self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
+                                    zero_init_residual=self.zero_init_residual,
+                                    dtype=self.dtype, remat=self.remat)
     if self.fpn_channels:
       # Only the level that is used gets an output conv: the others would
       # be parameters that see weight decay and no gradient.
@@ -114,9 +128,33 @@ class ObjectNetwork(nn.Module):
 def from_config(config) -> ObjectNetwork:
   """Builds the network described by `config.model`."""
   m = config.model
+  if config.loss.name == "hiergroup":   # per-pixel embedding, no projector
+    from odin_jax.models import hiergroup_head  # pylint: disable=g-import-not-at-top
+    return hiergroup_head.from_config(config)
   return ObjectNetwork(
       depth=m.depth, width=m.width, projector_hidden=m.projector_hidden,
       projector_dim=m.projector_dim, predictor_hidden=m.predictor_hidden,
       feature_stage=m.feature_stage, fpn_channels=m.fpn_channels,
       zero_init_residual=m.zero_init_residual,
-      dtype=jnp.dtype(m.dtype))
+      dtype=jnp.dtype(m.dtype), remat=m.get("remat", "none"),
+      **transformer_fields(config))
+
+
+def transformer_fields(config) -> dict:
+  """ObjectNetwork's backbone_kind / backbone_options for config.model."""
+  m = config.model
+  kind = m.get("backbone", "resnet")
+  if kind == "vit":
+    v = m.vit
+    options = dict(patch_size=v.patch_size, depth=v.depth, width=v.width,
+                   num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+                   pos_size=v.pos_size or config.image_size,
+                   cls_token=v.cls_token)
+  elif kind == "swin":
+    s = m.swin
+    options = dict(patch_size=s.patch_size, embed_dim=s.embed_dim,
+                   depths=tuple(s.depths), num_heads=tuple(s.num_heads),
+                   window=s.window, mlp_ratio=s.mlp_ratio)
+  else:
+    return {}
+  return {"backbone_kind": kind, "backbone_options": tuple(options.items())}

@@ -17,6 +17,17 @@ inside the model) -> dict of feature maps
   'stage4' [B, H/32, W/32, 512w·e]
 with w the width multiplier and e the block expansion (1 basic, 4 bottleneck);
 sizes round up (torchvision arithmetic), e.g. 80 px -> stage4 3x3.
+
+Precision: `dtype` is the compute dtype of convolutions and activations;
+parameters are always created in float32 (param_dtype), BatchNorm computes
+its batch statistics and keeps its running statistics in float32 (flax's
+force_float32_reductions), and the input normalisation is done in float32
+before the cast. Feature maps come out in `dtype`.
+
+Memory: `remat` ('none' | 'blocks' | 'stages') recomputes the activations of
+every residual block (or stage) in the backward pass instead of storing
+them (`nn.remat`). It changes neither the parameter tree nor the results
+(up to float rounding): parameter names are the same with or without it.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+REMAT_MODES = ("none", "blocks", "stages")
 
 # depth -> (block kind, blocks per stage)
 STAGE_SIZES = {
@@ -113,6 +126,12 @@ class ResNet(nn.Module):
     bn_momentum, bn_epsilon: BatchNorm settings (0.9 / 1e-5 as in the papers).
     zero_init_residual: zero the last BN scale of each block (Goyal et al.).
     dtype: computation dtype (parameters stay float32).
+    remat: 'none', 'blocks' (keep only each residual block's input for the
+      backward pass and recompute the rest) or 'stages' (keep only each
+      stage's input: fewer saved activations, but the backward replays a
+      whole stage at once, so that stage's activations are live together;
+      for deep stages, e.g. ResNet-200's 36-block stage3, 'blocks' peaks
+      lower). Both cost one extra forward pass of the backbone.
   """
   depth: int = 50
   width: float = 1.0
@@ -120,12 +139,16 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, train: bool = True) -> dict[str, jnp.ndarray]:
     if self.depth not in STAGE_SIZES:
       raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}, "
                        f"got {self.depth}.")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"ResNet remat must be one of {REMAT_MODES}, got "
+                       f"{self.remat!r}.")
     kind, stage_sizes = STAGE_SIZES[self.depth]
     block_cls = BasicBlock if kind == "basic" else BottleneckBlock
     norm = functools.partial(
@@ -140,9 +163,11 @@ class ResNet(nn.Module):
       init = last_norm_init if name == "bn_last" else nn.initializers.ones
       return norm(name=name, scale_init=init)
 
-    mean = jnp.asarray(IMAGENET_MEAN, self.dtype)
-    std = jnp.asarray(IMAGENET_STD, self.dtype)
-    x = (images.astype(self.dtype) - mean) / std
+    # Normalise in float32, then cast: a bfloat16 (x - mean) / std would add
+    # a rounding error on top of the cast's.
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
 
     def channels(c: int) -> int:
       return max(1, int(round(c * self.width)))
@@ -152,11 +177,25 @@ class ResNet(nn.Module):
     x = nn.relu(norm(name="stem_bn")(x))
     x = max_pool_3x3_s2(x)
     feats["stem"] = x
-    for i, num_blocks in enumerate(stage_sizes):
+    # nn.remat of a class keeps the module's name, and nn.remat of a
+    # function of `self` creates the blocks in self's own scope: either way
+    # the parameters are 'stage{i}_block{j}/...' exactly as without remat.
+    block = nn.remat(block_cls) if self.remat == "blocks" else block_cls
+
+    def stage(module, x, i: int, num_blocks: int):
+      # `module` is self, or under nn.remat its clone bound to the lifted
+      # scope: the blocks must be its children to be inside the transform.
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = block_cls(channels(64 * 2**i), stride, block_norm,
-                      dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}")(x)
+        x = block(channels(64 * 2**i), stride, block_norm, dtype=self.dtype,
+                  parent=module, name=f"stage{i + 1}_block{j + 1}")(x)
+      return x
+
+    if self.remat == "stages":
+      # i and num_blocks are Python ints that shape the graph: static.
+      stage = nn.remat(stage, static_argnums=(2, 3))
+    for i, num_blocks in enumerate(stage_sizes):
+      x = stage(self, x, i, num_blocks)
       feats[f"stage{i + 1}"] = x
     return feats
 
