@@ -35,21 +35,11 @@ die() { echo "slurm_submit.sh: $*" >&2; exit 2; }
 # The comment block at the top of this file.
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
-# One argument as the shell would need it: bare if safe, else single-quoted.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# Prints a command as it would be typed: "+ cmd arg ...".
-show() {
-  local line="+" arg
-  for arg in "$@"; do line+=" $(quote "$arg")"; done
-  echo "$line"
-}
+# Prints a command as it would be typed.
+show() { command_line "$@"; }
 
 while (( $# )); do
   arg="$1"

