@@ -17,16 +17,9 @@ import numpy as np
 from configs import detcon_b, odin
 from odin_jax import sharding, step
 from odin_jax.models import heads
-
-
-def _batch(config, seed):
-  rng = np.random.default_rng(seed)
-  b, s = config.batch_size, config.image_size
-  blocks = rng.integers(0, 6, size=(2, b, s // 16, s // 16))
-  masks = np.kron(blocks, np.ones((16, 16), np.int64)).astype(np.int32)
-  return {"view1": rng.random((b, s, s, 3), np.float32),
-          "view2": rng.random((b, s, s, 3), np.float32),
-          "mask1": masks[0], "mask2": masks[1]}
+# The same synthetic batch as test_step's (blocky masks, random views), so
+# the float32 step here reuses that test's compiled program.
+from tests.test_step import _batch  # pylint: disable=g-bad-import-order
 
 
 def _step_fn(dtype):
