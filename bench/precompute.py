@@ -7,12 +7,14 @@ with 1 worker process and with every core, in the same run.
   python bench/precompute.py                       # 96 images, DetCon FH 1000
   python bench/precompute.py --images=200 --masks=fh:scale=1000 \
       --masks=slic:n_segments=100,compactness=10
+  python bench/precompute.py --masks=fh_opencv:scale=1000   # OpenCV's FH
 Prints a table; goals (issue 3): efficiency >= 0.9, ImageNet (1.33 M images)
 on 16 cores <= 6 h, i.e. >= 10x faster than the reference script's 48-72 h.
 The machine may be shared: os.getloadavg() is printed before and after.
 """
 import argparse
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import resource
@@ -24,10 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from skimage import segmentation  # noqa: E402
 
 from odin_jax.data import demo  # noqa: E402
+from odin_jax.data import masks  # noqa: E402
 from odin_jax.data import precompute  # noqa: E402
+from odin_jax.data import records  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle",
           "immunohistochemistry", "camera", "coins", "brick", "grass")
@@ -52,24 +55,26 @@ def make_images(folder: str, n: int, seed: int = 0) -> None:
                                   quality=90)
 
 
-def _fh_file(path):
-  """Control workload: decode + FH only (no conversion, PNG or records)."""
+def _segment_file(path, setting):
+  """Control workload: decode + the segmenter only (no PNG or records)."""
   image = np.asarray(Image.open(path).convert("RGB"))
-  return int(segmentation.felzenszwalb(image, scale=1000, sigma=0.8,
-                                       min_size=1000).max())
+  return int(masks.compute_segments(
+      image, records.parse_mask_setting(setting)).max())
 
 
-def control_rate(paths, workers):
-  """images/s of bare FH over `paths` in a warm pool of `workers` processes.
+def control_rate(paths, workers, setting):
+  """images/s of the bare segmenter over `paths` in a warm pool of `workers`
+  processes.
 
-  The ceiling any FH precompute can reach on this machine right now; the
-  precompute's efficiency is read against this one's.
+  The ceiling any precompute with this mask setting can reach on this
+  machine right now; the precompute's efficiency is read against this one's.
   """
   ctx = multiprocessing.get_context("spawn")
+  run = functools.partial(_segment_file, setting=setting)
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    list(pool.map(_fh_file, paths[:workers]))            # start + warm up
+    list(pool.map(run, paths[:workers]))                 # start + warm up
     t = time.perf_counter()
-    list(pool.map(_fh_file, paths))
+    list(pool.map(run, paths))
     return len(paths) / (time.perf_counter() - t)
 
 
@@ -80,10 +85,10 @@ def _cpu_s():
       resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def timed_run(folder, out, masks, workers):
+def timed_run(folder, out, settings, workers):
   """(wall s, CPU s of parent + workers, metadata) of one precompute run."""
   opts = precompute.Options(source=f"folder:{folder}", output_dir=out,
-                            masks=tuple(masks), num_workers=workers,
+                            masks=tuple(settings), num_workers=workers,
                             num_shards=8, log_every_s=1e9)
   t, c = time.perf_counter(), _cpu_s()
   meta = precompute.run(opts)
@@ -97,24 +102,26 @@ def main():
   p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument("--target_cores", type=int, default=16)
   args = p.parse_args()
-  masks = args.masks or list(precompute.DEFAULT_MASKS)
+  masks_arg = args.masks or list(precompute.DEFAULT_MASKS)
   load_before = os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, "images")
     os.makedirs(folder)
     make_images(folder, args.images)
-    # FH alone on the same images: how much of the per-image cost is FH.
+    # The first setting's segmenter alone on the same images: how much of
+    # the per-image cost is segmentation.
+    first = records.parse_mask_setting(masks_arg[0])
     sample = [np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
               for f in sorted(os.listdir(folder))[:8]]
     t = time.perf_counter()
     for im in sample:
-      segmentation.felzenszwalb(im, scale=1000, sigma=0.8, min_size=1000)
+      masks.compute_segments(im, first)
     fh_s = (time.perf_counter() - t) / len(sample)
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    ctl1 = control_rate(paths, 1)
-    ctl_n = control_rate(paths, args.workers)
-    t1, c1, meta = timed_run(folder, os.path.join(tmp, "out1"), masks, 1)
-    tn, cn, meta_n = timed_run(folder, os.path.join(tmp, "outn"), masks,
+    ctl1 = control_rate(paths, 1, masks_arg[0])
+    ctl_n = control_rate(paths, args.workers, masks_arg[0])
+    t1, c1, meta = timed_run(folder, os.path.join(tmp, "out1"), masks_arg, 1)
+    tn, cn, meta_n = timed_run(folder, os.path.join(tmp, "outn"), masks_arg,
                                args.workers)
     same = all(open(os.path.join(tmp, "out1", s["file"]), "rb").read() ==
                open(os.path.join(tmp, "outn", s["file"]), "rb").read()
@@ -141,10 +148,10 @@ def main():
   print(f"parallel efficiency ({args.workers} workers): wall {eff:.2f} "
         f"(pool start-up included), CPU {cpu_eff:.2f} (CPU(1) / CPU(N))")
   ctl_eff = ctl_n / (args.workers * ctl1)
-  print(f"control (bare FH, warm pool): {ctl1:.2f} images/s with 1, "
+  print(f"control ({masks_arg[0]} alone, warm pool): {ctl1:.2f} images/s with 1, "
         f"{ctl_n:.2f} with {args.workers} -> efficiency {ctl_eff:.2f}; "
         f"precompute / control efficiency {eff / ctl_eff:.2f}")
-  print(f"wall core-seconds per image: {1 / rate1:.3f} (FH alone "
+  print(f"wall core-seconds per image: {1 / rate1:.3f} (segmenter alone "
         f"{fh_s:.3f} s/image on the same images)")
   print(f"ImageNet {IMAGENET_IMAGES / 1e6:.2f} M images on "
         f"{args.target_cores} cores: {hours:.1f} h from wall rates, "

@@ -60,6 +60,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.masks = ml_collections.ConfigDict()
   c.masks.method = "fh"          # 'fh' | 'slic' | 'grid' | 'gt' | 'hierarchy'
+                                 # | 'fh_opencv' (OpenCV's FH, same fields)
   c.masks.fh_scale = 1000.0
   c.masks.fh_sigma = 0.8
   c.masks.fh_min_size = 1000

@@ -8,9 +8,10 @@ parameter is created, naming the field and what to do.
 from __future__ import annotations
 
 from odin_jax import losses
+from odin_jax.data import masks
 from odin_jax.models import resnet
 
-MASK_METHODS = ("fh", "slic", "grid", "gt", "hierarchy")
+MASK_METHODS = masks.METHODS
 FEATURE_STAGES = ("stage1", "stage2", "stage3", "stage4")
 FPN_STAGES = ("p2", "p3", "p4", "p5")
 ODIN_UPDATES = ("ema", "copy")
@@ -87,9 +88,9 @@ def validate(config) -> None:
              "each method discovers its own masks.")
     _require(config.ema.enabled, "R2O needs the target network "
              "(ema.enabled=True): its C4 features define the regions.")
-    _require(config.masks.method in ("slic", "fh", "grid"),
+    _require(config.masks.method in ("slic", "fh", "fh_opencv", "grid"),
              "r2o needs a region prior: masks.method 'slic' (paper), 'fh' "
-             "or 'grid'.")
+             "('fh_opencv') or 'grid'.")
     _require(r.region_stage in _backbone_maps(config),
              f"r2o.region_stage={r.region_stage!r}; choose one of "
              f"{_backbone_maps(config)} ('stage3' = C4 in the paper, "

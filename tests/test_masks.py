@@ -148,3 +148,77 @@ def test_mask_config_key():
           != masks.mask_config_key(_config()))
   with pytest.raises(ValueError, match="method"):
     masks.mask_config_key(_config(method="nope"))
+
+
+# --- OpenCV's FH ('fh_opencv', extra `opencv`) --------------------------------
+
+def _photos(size=(240, 320)):
+  from skimage import transform  # pylint: disable=g-import-not-at-top
+  for name in ("astronaut", "coffee", "chelsea"):
+    image = transform.resize(getattr(skimage.data, name)(), size)
+    yield (image * 255).round().astype(np.uint8)
+
+
+def test_fh_opencv_is_the_same_algorithm_as_skimage():
+  from sklearn.metrics import adjusted_rand_score  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("cv2")   # in the `test` extra: runs in CI
+  for image in _photos():
+    cv = masks.compute_segments(image, _config(method="fh_opencv",
+                                               fh_scale=500, fh_min_size=200))
+    sk = masks.compute_segments(image, _config(fh_scale=500, fh_min_size=200))
+    _assert_contiguous_int32(cv)
+    assert cv.shape == image.shape[:2]
+    # FH's final pass merges every component below min_size into a
+    # neighbour: no segment is smaller (the image is connected).
+    assert np.bincount(cv.ravel()).min() >= 200
+    # Same algorithm and parameters, other implementation: nearly the same
+    # partition and a similar number of segments (not identical: tie order
+    # of equal edge weights and the smoothing differ).
+    assert adjusted_rand_score(sk.ravel(), cv.ravel()) > 0.6
+    assert 0.5 <= (cv.max() + 1) / (sk.max() + 1) <= 2.0
+
+
+def test_fh_opencv_exact_cases():
+  pytest.importorskip("cv2")
+  # Two flat halves: exactly two segments, whatever the input dtype.
+  gray = np.zeros((64, 64), np.uint8)
+  gray[:, 32:] = 200
+  for image in (gray, np.repeat(gray[..., None], 3, -1),
+                np.repeat(gray[..., None], 3, -1) / 255.0):
+    seg = masks.felzenszwalb_segments_opencv(image, scale=10, sigma=0.0,
+                                             min_size=10)
+    assert _is_bijection(seg, gray)
+  # > 255 segments stay distinct (ids are int32, as for scikit-image's FH).
+  r, c = np.divmod(np.arange(32 * 32), 32)
+  colours = np.stack([r * 8, c * 8, ((r + c) % 2) * 255], 1).astype(np.uint8)
+  patch_id = np.kron(np.arange(32 * 32).reshape(32, 32), np.ones((8, 8), int))
+  seg = masks.felzenszwalb_segments_opencv(colours[patch_id], scale=1.0,
+                                           sigma=0.0, min_size=1)
+  assert seg.max() + 1 == 1024 and _is_bijection(seg, patch_id)
+  assert masks.mask_config_key(_config(method="fh_opencv")) == (
+      "fhcv_s1000_sig0.8_min1000")
+
+
+def test_fh_opencv_precompute_round_trip(tmp_path):
+  """'fh_opencv' settings go through precompute and back like 'fh' ones."""
+  pytest.importorskip("cv2")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from odin_jax.data import precompute, records  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, image in enumerate(_photos((120, 160))):
+    Image.fromarray(image).save(folder / f"{i}.png")
+  setting = "fh_opencv:scale=200,sigma=0.8,min_size=100"
+  meta = precompute.run(precompute.Options(
+      source=f"folder:{folder}", output_dir=str(tmp_path / "out"),
+      masks=(setting,), num_workers=1, log_every_s=1e9))
+  assert meta["num_examples"] == 3
+  assert list(meta["mask_settings"]) == ["fhcv_s200_sig0.8_min100"]
+  source = records.RecordSource(str(tmp_path / "out"), setting)
+  for i in range(3):
+    ex = source.lookup(tf.constant(i, tf.int64))
+    image, segments = ex["image"].numpy(), ex["segments"].numpy()
+    # The stored map is OpenCV's FH of the stored (JPEG-converted) image.
+    np.testing.assert_array_equal(
+        segments, masks.felzenszwalb_segments_opencv(image, 200, 0.8, 100))

@@ -5,7 +5,12 @@ image whose ids are 0..n-1, contiguous. The DetCon reference stored ids in
 8 bits and silently merged every segment past 255; we keep int32 from the
 segmenter to the model, so ids never wrap.
 
-  'fh'   Felzenszwalb-Huttenlocher graph segmentation (DetCon's default)
+  'fh'   Felzenszwalb-Huttenlocher graph segmentation (DetCon's default),
+         scikit-image's implementation, the one DetCon's masks come from
+  'fh_opencv' the same algorithm and parameters, OpenCV's C++
+         implementation (cv2.ximgproc; extra `opencv`): ~3.5x faster, for
+         ImageNet-scale precompute; its segments are not identical to
+         scikit-image's (adjusted Rand index 0.67-0.89 on the bundled photos)
   'slic' SLIC superpixels
   'grid' n x n spatial grid (n=1: one global mask, i.e. BYOL/SimCLR)
   'gt'   a given ground-truth instance map (background is its own segment)
@@ -18,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from skimage import segmentation
 
-METHODS = ("fh", "slic", "grid", "gt", "hierarchy")
+METHODS = ("fh", "fh_opencv", "slic", "grid", "gt", "hierarchy")
 
 
 def relabel_sequential(segments: np.ndarray) -> np.ndarray:
@@ -60,6 +65,37 @@ def felzenszwalb_segments(image, scale: float = 1000.0, sigma: float = 0.8,
       image, scale=scale, sigma=sigma, min_size=int(min_size),
       channel_axis=_channel_axis(image))
   return relabel_sequential(labels)
+
+
+_OPENCV_HINT = ("mask method 'fh_opencv' needs OpenCV's contrib modules: "
+                "pip install 'odin_jax[opencv]' (opencv-contrib-python-"
+                "headless; uninstall a plain opencv-python first, both "
+                "provide cv2), or use method 'fh' (scikit-image).")
+
+
+def felzenszwalb_segments_opencv(image, scale: float = 1000.0,
+                                 sigma: float = 0.8,
+                                 min_size: int = 1000) -> np.ndarray:
+  """Felzenszwalb-Huttenlocher segments by OpenCV (same args as above).
+
+  cv2.ximgproc's GraphSegmentation runs the paper's algorithm (Gaussian
+  smoothing, 8-connected grid graph with colour-distance weights, the
+  k/|C| merge criterion with k = scale, then merging of components smaller
+  than min_size) in C++ on one thread here (the precompute parallelises over
+  processes). Channel order does not matter (euclidean colour distance).
+  Returns int32 [H, W], ids 0..n-1 contiguous.
+  """
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+    segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(
+        sigma=float(sigma), k=float(scale), min_size=int(min_size))
+  except (ImportError, AttributeError) as e:
+    raise ImportError(f"{_OPENCV_HINT} ({e})") from None
+  cv2.setNumThreads(1)
+  image = np.asarray(image)
+  if image.dtype != np.uint8:     # floats in [0, 1] as scikit-image takes
+    image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+  return relabel_sequential(segmenter.processImage(np.ascontiguousarray(image)))
 
 
 def slic_segments(image, n_segments: int = 100,
@@ -113,6 +149,10 @@ def compute_segments(image, mask_config, gt_instances=None) -> np.ndarray:
     return felzenszwalb_segments(image, _field(mask_config, "fh_scale"),
                                  _field(mask_config, "fh_sigma"),
                                  _field(mask_config, "fh_min_size"))
+  if method == "fh_opencv":
+    return felzenszwalb_segments_opencv(
+        image, _field(mask_config, "fh_scale"), _field(mask_config, "fh_sigma"),
+        _field(mask_config, "fh_min_size"))
   if method == "slic":
     return slic_segments(image, _field(mask_config, "slic_n_segments"),
                          _field(mask_config, "slic_compactness"))
@@ -138,8 +178,8 @@ def compute_segments(image, mask_config, gt_instances=None) -> np.ndarray:
 def mask_config_key(mask_config) -> str:
   """Short stable name of a mask config for cache files, e.g. 'grid5'."""
   method = _field(mask_config, "method")
-  if method == "fh":
-    return (f"fh_s{_field(mask_config, 'fh_scale'):g}"
+  if method in ("fh", "fh_opencv"):
+    return (f"{'fh' if method == 'fh' else 'fhcv'}_s{_field(mask_config, 'fh_scale'):g}"
             f"_sig{_field(mask_config, 'fh_sigma'):g}"
             f"_min{_field(mask_config, 'fh_min_size'):g}")
   if method == "slic":

@@ -233,7 +233,7 @@ def process_example(raw: RawExample, spec: ExampleSpec) -> ExampleResult:
       n = int(seg.max()) + 1
       if n > records.MAX_SEGMENTS:
         raise _Skip(f"too_many_segments:{key}")
-      if n == 1 and cfg.method in ("fh", "slic"):
+      if n == 1 and cfg.method in ("fh", "fh_opencv", "slic"):
         if spec.skip_one_segment:
           raise _Skip(f"one_segment:{key}")
         notes.append(f"one_segment:{key}")
@@ -539,6 +539,9 @@ def prepare(o: Options) -> Plan:
   by_key = {}
   for text in o.masks:
     cfg = records.parse_mask_setting(text)
+    if cfg.method == "fh_opencv":
+      # Fail here, not as one 'mask_error' skip per image in the workers.
+      masks_lib.compute_segments(np.zeros((8, 8, 3), np.uint8), cfg)
     by_key.setdefault(masks_lib.mask_config_key(cfg),
                       records.mask_setting_string(cfg))
   if inputs.has_gt:
