@@ -65,6 +65,9 @@ _FIELDS = {
     "fh": {"scale": ("fh_scale", float, 1000.0),
            "sigma": ("fh_sigma", float, 0.8),
            "min_size": ("fh_min_size", int, 1000)},
+    "fh_opencv": {"scale": ("fh_scale", float, 1000.0),      # same fields
+                  "sigma": ("fh_sigma", float, 0.8),
+                  "min_size": ("fh_min_size", int, 1000)},
     "slic": {"n_segments": ("slic_n_segments", int, 64),
              "compactness": ("slic_compactness", float, 10.0)},
     "grid": {"size": ("grid_size", int, 5)},
