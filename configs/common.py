@@ -55,6 +55,17 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # Precomputed images + masks (python -m odin_jax.data.precompute); when
   # set, training reads them instead of computing masks on the fly.
   c.dataset.records_dir = ml_collections.FieldReference(None, field_type=str)
+  # How hosts split the data (data/pipeline.py): 'examples' (any source; host
+  # h reads its slice of every global batch from all files) | 'shards' (host
+  # h reads only the shard files s % P == h of records / TFDS ArrayRecord).
+  c.dataset.host_split = "examples"
+  # tf.data: examples decoded + augmented in parallel, batches prefetched
+  # (-1 = AUTOTUNE), threads of the input pipeline (0 = TF's default pool).
+  # There is no shuffle buffer: the order is an exact per-epoch permutation
+  # (index_shuffle over random access), a pure function of (seed, position).
+  c.dataset.num_parallel_calls = -1
+  c.dataset.prefetch_batches = -1
+  c.dataset.private_threads = 0
   c.dataset.demo_num_scenes = 256
   c.dataset.demo_image_size = 128
 

@@ -84,6 +84,19 @@ def test_resume_gives_exactly_the_same_batches():
   assert not np.array_equal(full[0]["view1"], full[3]["view1"])
 
 
+def test_parallelism_settings_do_not_change_the_stream():
+  c = _config(3)
+  c.dataset.num_parallel_calls, c.dataset.prefetch_batches = 1, 1
+  c.dataset.private_threads = 1
+  serial = _take(c, _SOURCE(), 3, global_batch_size=8)
+  for want, got in zip(_stream(3, global_batch_size=8), serial):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+  c.dataset.prefetch_batches = 0
+  with pytest.raises(ValueError, match="prefetch_batches"):
+    _take(c, _SOURCE(), 1, global_batch_size=8)
+
+
 def test_each_epoch_is_a_fresh_permutation():
   batches = _stream(5, global_batch_size=8)   # 40 positions: 3+ epochs
   ids = np.concatenate([b["example_id"] for b in batches])
@@ -129,6 +142,103 @@ def test_bad_arguments():
   assert pipeline.num_steps_per_epoch(_source(), 4) == 3
   assert pipeline.num_steps_per_epoch(_source(), 5) == 2
   assert pipeline.num_steps_per_epoch(_source(), 64) == 1
+
+
+# ------------------------------------------- dataset.host_split='shards' --
+SHARDS = (3, 2, 4, 3)   # ids 0-2 | 3-4 | 5-8 | 9-11
+OWNED = {0: [0, 1, 2, 5, 6, 7, 8], 1: [3, 4, 9, 10, 11]}   # s % 2 == h
+
+
+def _sharded_source():
+  plain = _SOURCE()
+  return sources.ArraySource(plain._images.numpy(), plain._segments.numpy(),
+                             shard_sizes=SHARDS)
+
+
+_SHARDED = functools.lru_cache(maxsize=None)(_sharded_source)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_stream(n, host, start_step=0, num_hosts=2):
+  """n batches (G = 4: B = 2 per host) of host `host` in 'shards' mode."""
+  c = _config(seed=3, colour=False)
+  c.dataset.host_split = "shards"
+  return _take(c, _SHARDED(), n, global_batch_size=4, start_step=start_step,
+               process_index=host, process_count=num_hosts)
+
+
+def _ids(batches):
+  return np.concatenate([b["example_id"] for b in batches])
+
+
+def test_shards_two_hosts_read_disjoint_shards_covering_the_dataset():
+  streams = {h: _sharded_stream(8, h) for h in (0, 1)}   # 16 examples each
+  for h, batches in streams.items():
+    ids, n_h = _ids(batches), len(OWNED[h])
+    # Every host epoch is a permutation of exactly the host's shards ...
+    np.testing.assert_array_equal(np.sort(ids[:n_h]), OWNED[h])
+    np.testing.assert_array_equal(np.sort(ids[n_h:2 * n_h]), OWNED[h])
+    assert set(ids) == set(OWNED[h])
+    assert not np.array_equal(ids[:n_h], ids[n_h:2 * n_h])   # fresh order
+    assert not np.array_equal(ids[:n_h], OWNED[h])           # shuffled
+    # ... the id is the pixels' (red = 10 * id, no colour augmentation) ...
+    for b in batches:
+      red = b["view1"][..., 0].mean(axis=(1, 2))
+      np.testing.assert_allclose(red, 10 * b["example_id"] / 255, atol=2e-3)
+    # ... and 'index' is the host's slot of global batch k: k*4 + 2h + j.
+    np.testing.assert_array_equal(
+        np.concatenate([b["index"] for b in batches]),
+        [4 * k + 2 * h + j for k in range(8) for j in range(2)])
+  # Disjoint, and together exactly the dataset.
+  assert not set(OWNED[0]) & set(OWNED[1])
+  assert sorted(OWNED[0] + OWNED[1]) == list(range(N))
+  # Two hosts do not replay one another's augmentation.
+  assert not np.array_equal(streams[0][0]["view1"], streams[1][0]["view1"])
+
+
+def test_shards_order_is_a_pure_function_of_seed_and_host_position():
+  for h in (0, 1):
+    full = _sharded_stream(8, h)
+    resumed = _sharded_stream(3, h, start_step=5)
+    for want, got in zip(full[5:], resumed):
+      for k in want:
+        np.testing.assert_array_equal(want[k], got[k])
+    # pipeline.example_id_at(q, N_h, seed, host) + local_to_global_id.
+    plan = pipeline.host_shards(_SHARDED(), h, 2)
+    assert plan.shards == tuple(range(h, 4, 2))
+    assert plan.num_examples == len(OWNED[h])
+    want = [pipeline.local_to_global_id(pipeline.example_id_at(
+        q, plan.num_examples, 3, host=h), plan).numpy() for q in range(16)]
+    np.testing.assert_array_equal(_ids(full), want)
+  # One host holding every shard reads a permutation of all of it.
+  one = _ids(_sharded_stream(3, 0, num_hosts=1))
+  np.testing.assert_array_equal(np.sort(one), np.arange(N))
+
+
+def test_shards_mode_errors_say_what_to_do():
+  c = _config()
+  c.dataset.host_split = "shards"
+  kw = dict(global_batch_size=4, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="shard files.*host_split='examples'"):
+    pipeline.make_train_dataset(c, _source(), **kw)      # no shard_sizes
+  with pytest.raises(ValueError, match=r"1 shard\(s\) for 2 hosts.*"
+                     r"--num_shards=2"):
+    pipeline.make_train_dataset(
+        c, sources.ArraySource(np.zeros((4, 8, 8, 3), np.uint8),
+                               np.zeros((4, 8, 8), np.int32),
+                               shard_sizes=(4,)), **kw)
+  with pytest.raises(ValueError, match=r"host 1 of 2 owns shards \[1\]"):
+    pipeline.make_train_dataset(
+        c, sources.ArraySource(np.zeros((4, 8, 8, 3), np.uint8),
+                               np.zeros((4, 8, 8), np.int32),
+                               shard_sizes=(4, 0)), **{**kw,
+                                                       "process_index": 1})
+  with pytest.raises(ValueError, match="sum to 12"):
+    sources.ArraySource(_SOURCE()._images.numpy(),
+                        _SOURCE()._segments.numpy(), shard_sizes=(3, 3))
+  c.dataset.host_split = "files"
+  with pytest.raises(ValueError, match="'examples', 'shards'"):
+    pipeline.make_train_dataset(c, _source(), **kw)
 
 
 def test_demo_source_end_to_end(tmp_path):

@@ -332,6 +332,88 @@ def test_two_hosts_read_disjoint_examples_and_resume(precomputed):
     np.testing.assert_array_equal(resumed[k], h1[1][k])
 
 
+def _shard_ids(directory, shard):
+  """The 'id's in one shard file, read directly (not through RecordSource)."""
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(
+      os.path.join(directory, records.shard_name(shard, NUM_SHARDS)))
+  try:
+    return [_decode(r)["id"].decode()
+            for r in reader.read(list(range(reader.num_records())))]
+  finally:
+    reader.close()
+
+
+def test_shards_mode_hosts_read_only_their_own_shard_files(precomputed,
+                                                           tmp_path):
+  """host_split='shards': host h reads the shards s % 2 == h, and only them."""
+  out, meta = precomputed
+  sizes = [s["num_examples"] for s in meta["shards"]]
+  assert sizes == [2, 3, 3]
+  owned = {0: (0, 2), 1: (1,)}       # 5 and 3 examples
+  c = _pipeline_config()
+  c.dataset.host_split = "shards"
+
+  def take(source, host, n, start_step=0):
+    ds = pipeline.make_train_dataset(c, source, global_batch_size=4,
+                                     start_step=start_step, process_index=host,
+                                     process_count=2)
+    return list(itertools.islice(pipeline.numpy_batches(ds), n))
+
+  source = records.RecordSource(out, FH)
+  assert source.shard_sizes == (2, 3, 3)
+  seen = {}
+  for host, shards in owned.items():
+    batches = take(source, host, 4)          # 8 examples >= one host epoch
+    ids = np.concatenate([b["example_id"] for b in batches])
+    n_h = sum(sizes[s] for s in shards)
+    epoch = ids[:n_h]
+    assert len(set(epoch)) == n_h            # a permutation of the host's ...
+    names = {_decode(source.read_serialized(i))["id"].decode() for i in epoch}
+    want = {x for s in shards for x in _shard_ids(out, s)}
+    assert names == want                     # ... shard files' examples
+    assert set(ids) == set(epoch)
+    seen[host] = set(epoch)
+    assert batches[0]["mask1"].max() > 0
+    (resumed,) = take(source, host, 1, start_step=3)
+    for k in batches[3]:
+      np.testing.assert_array_equal(resumed[k], batches[3][k])
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(8))
+  # Host 0 never opens shard 1: with that file gone it still reads two
+  # epochs, and 'examples' mode (reads every file) fails on it.
+  copy = tmp_path / "records"
+  copy.mkdir()
+  for f, data in _files(out).items():
+    (copy / f).write_bytes(data)
+  source = records.RecordSource(str(copy), FH)
+  os.remove(copy / records.shard_name(1, NUM_SHARDS))
+  batches = take(source, 0, 5)
+  assert set(np.concatenate([b["example_id"] for b in batches])) == seen[0]
+  c.dataset.host_split = "examples"
+  with pytest.raises(tf.errors.OpError, match="No such file"):
+    take(source, 0, 5)
+
+
+def test_shards_mode_with_too_few_shards_says_how_to_reshard(precomputed,
+                                                             folder):
+  out, _ = precomputed
+  c = _pipeline_config()
+  c.dataset.host_split = "shards"
+  with pytest.raises(ValueError) as e:
+    pipeline.make_train_dataset(c, records.RecordSource(out, FH),
+                                global_batch_size=4, process_index=0,
+                                process_count=4)
+  msg = str(e.value)
+  assert "3 shard(s) for 4 hosts" in msg
+  assert ("python -m odin_jax.data.precompute --source=folder:"
+          f"{os.path.abspath(folder)} ") in msg
+  assert (f"--output_dir={out}-4shards --masks={FH} --masks={GRID} "
+          "--num_shards=4") in msg
+  assert f"--config.dataset.records_dir={out}-4shards" in msg
+  assert "host_split='examples'" in msg
+
+
 def test_random_mask_setting_per_example(precomputed):
   out, _ = precomputed
   both = [records.RecordSource(out, [FH, GRID], seed=s) for s in (0, 0, 5)]

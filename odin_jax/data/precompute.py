@@ -339,17 +339,8 @@ class TfdsInputs:
       raise RuntimeError(
           sources._prepare_instructions(name, data_dir))  # pylint: disable=protected-access
     feats = builder.info.features
-    images = [k for k, f in feats.items() if isinstance(f, tfds.features.Image)]
-    if not images:
-      raise ValueError(f"TFDS {name} has no image feature.")
-    label = feats["label"] if "label" in feats else None
-    keys = {
-        "image": "image" if "image" in images else images[0],
-        "label": ("label" if isinstance(label, tfds.features.ClassLabel)
-                  else None),
-        "id": next((k for k in ("file_name", "image/filename", "image/id")
-                    if k in feats), None),
-        "gt": "panoptic_image" if "panoptic_image" in feats else None}
+    keys = dict(sources.tfds_keys(feats),
+                gt="panoptic_image" if "panoptic_image" in feats else None)
     self._loader = TfdsLoader(name, split, data_dir, keys)
     n = builder.info.splits[split].num_examples
     self.locators = list(range(n))

@@ -27,7 +27,10 @@ Each tf.train.Example has the features
                         the leaf ids (data/hierarchy.py).
 
 Global example id g is record g of the concatenation of the shards in shard
-order. `RecordSource` serves them to the training pipeline (sources.Source).
+order. `RecordSource` serves them to the training pipeline (sources.Source);
+its `shard_sizes` let dataset.host_split='shards' give each host its own
+shard files (pipeline.py). Readers open a shard file on its first read, so a
+host that reads only its shards opens only those files.
 
 Mask settings are written `method:field=value,...` on the command line, with
 the field names of config.masks minus their method prefix:
@@ -305,6 +308,8 @@ class RecordSource:
                        "max_leaves (every example needs the same distances).")
     self.hierarchy_size = sizes.pop() if trees else 0
     self.num_examples = int(meta["num_examples"])
+    # Examples per shard file, in shard order (global ids run through them).
+    self.shard_sizes = tuple(int(s["num_examples"]) for s in meta["shards"])
     if self.num_examples <= 0:
       raise ValueError(f"Records in {records_dir!r} hold no examples (every "
                        f"input was skipped: {meta.get('skipped')}).")
@@ -338,12 +343,22 @@ class RecordSource:
     else:
       hint = f"tfds:{d.name}:{d.get('split', 'train')}"
     scales = config.masks.get("fh_scales", None)
-    if config.masks.method == "fh" and scales:
-      settings = [f"fh:scale={s:g},sigma={config.masks.fh_sigma:g},"
+    method = config.masks.method
+    if method in ("fh", "fh_opencv") and scales:
+      settings = [f"{method}:scale={s:g},sigma={config.masks.fh_sigma:g},"
                   f"min_size={s:g}" for s in scales]
     else:
       settings = [config.masks]
     return cls(d.records_dir, settings, seed=config.seed, source_hint=hint)
+
+  def reshard_command(self, num_shards: int) -> str:
+    """The precompute command writing these records again in num_shards."""
+    meta = self.metadata
+    new_dir = f"{self.records_dir.rstrip('/')}-{num_shards}shards"
+    return precompute_command(
+        meta["source"], new_dir, list(meta["mask_settings"].values()),
+        num_shards=num_shards, **{k: meta.get(k) for k in RUN_FLAGS}) + (
+            f"\nthen set --config.dataset.records_dir={new_dir}")
 
   @staticmethod
   def _setting_string(m) -> str:

@@ -9,12 +9,17 @@ one example, in TF graph mode (it is called inside Dataset.map):
   (+ 'hierarchy': float32 [L, L] leaf distances with masks.method
   'hierarchy': the demo and precomputed records provide it)
 
-H and W may differ between examples. Sources:
+H and W may differ between examples. Sources stored in shard files also
+have `shard_sizes` (examples per shard; shard s holds the ids that follow
+those of shards < s), which dataset.host_split='shards' splits over hosts
+(pipeline.py), and `reshard_command(num_shards)`, the precompute command
+that writes them with more shards. Sources:
   ArraySource   in-memory arrays (tf constants), lookup = tf.gather;
   DemoSource    the embedded demo scenes (demo.load_demo + demo_segments);
   FolderSource  every image file under a folder, segments computed on the fly;
   TfdsSource    a prepared TFDS dataset in ArrayRecord format (random access),
-                segments computed on the fly;
+                segments computed on the fly; lookup also gives 'label'
+                (int64, -1 without a ClassLabel 'label') and 'id' (string);
   RecordSource  (records.py) images and masks written once by
                 `python -m odin_jax.data.precompute` (dataset.records_dir).
 `make_source(config)` picks one from config.dataset.name.
@@ -75,10 +80,11 @@ def _segments_on_the_fly(image, segments_fn):
 
 class ArraySource:
   """In-memory images uint8 [N, S, S, 3] and segments int32 [N, S, S]
-  (+ optional region-tree distances float32 [N, L, L])."""
+  (+ optional region-tree distances float32 [N, L, L]; optional shard_sizes
+  int [K] summing to N: the ids 0..N-1 cut into K consecutive shards)."""
 
   def __init__(self, images: np.ndarray, segments: np.ndarray,
-               hierarchy: np.ndarray | None = None):
+               hierarchy: np.ndarray | None = None, shard_sizes=None):
     images, segments = np.asarray(images), np.asarray(segments)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise ValueError(f"images must be uint8 [N, H, W, 3], got "
@@ -91,6 +97,12 @@ class ArraySource:
     if segments.min() < 0:
       raise ValueError("Segment ids must be >= 0.")
     self.num_examples = int(len(images))
+    if shard_sizes is not None:
+      self.shard_sizes = tuple(int(k) for k in shard_sizes)
+      if sum(self.shard_sizes) != self.num_examples or min(
+          self.shard_sizes) < 0:
+        raise ValueError(f"shard_sizes {self.shard_sizes} must be >= 0 and "
+                         f"sum to {self.num_examples}.")
     if hierarchy is not None and len(hierarchy) != len(images):
       raise ValueError(f"hierarchy {np.shape(hierarchy)} must have one [L, L] "
                        f"matrix per image ({len(images)}).")
@@ -215,8 +227,35 @@ def _prepare_instructions(name: str, data_dir) -> str:
   return "\n".join(lines)
 
 
+def tfds_keys(features, image_key: str = "image") -> dict:
+  """Feature names of a TFDS dataset: {'image', 'label', 'id'} (None: absent).
+
+  label: a ClassLabel named 'label'; id: 'file_name' (ImageNet),
+  'image/filename' or 'image/id' (COCO), the first one present.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if image_key not in features:
+    images = [k for k, f in features.items()
+              if isinstance(f, tfds.features.Image)]
+    if not images:
+      raise ValueError(f"TFDS features {sorted(features)} have no image "
+                       f"feature (dataset.image_key={image_key!r}).")
+    image_key = images[0]
+  label = features["label"] if "label" in features else None
+  return {"image": image_key,
+          "label": ("label" if isinstance(label, tfds.features.ClassLabel)
+                    else None),
+          "id": next((k for k in ("file_name", "image/filename", "image/id")
+                      if k in features), None)}
+
+
 class TfdsSource:
-  """A prepared TFDS split read by random access (tfds data source)."""
+  """A prepared TFDS split read by random access (tfds data source).
+
+  The split's ArrayRecord files are its shards (shard_sizes); readers open
+  a file on its first read, so a host reading only its shards
+  (dataset.host_split='shards') opens only those files.
+  """
 
   def __init__(self, name: str, split: str, data_dir, mask_config,
                image_key: str = "image"):
@@ -238,26 +277,54 @@ class TfdsSource:
     self.num_examples = len(self._source)
     if self.num_examples == 0:
       raise RuntimeError(f"TFDS {name}[{split}] is empty.")
-    self._image_key = image_key
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self._mask_config = mask_config
+    self._keys = tfds_keys(builder.info.features, image_key)
+    # One file instruction per ArrayRecord file (part) of the split, in the
+    # order of the data source's ids.
+    self.shard_sizes = tuple(int(f.take) for f in
+                             builder.info.splits[split].file_instructions)
+    if sum(self.shard_sizes) != self.num_examples:
+      raise RuntimeError(f"TFDS {name}[{split}]: file instructions hold "
+                         f"{sum(self.shard_sizes)} examples, the data source "
+                         f"{self.num_examples}.")
     self._segments = _segments_fn(mask_config)
     logging.info("TfdsSource: %s[%s], %d examples.", name, split,
                  self.num_examples)
 
+  def reshard_command(self, num_shards: int) -> str:
+    """Precompute command writing this split as records in num_shards."""
+    from odin_jax.data import records  # pylint: disable=g-import-not-at-top
+    return records.precompute_command(
+        f"tfds:{self.name}:{self.split}", "/path/to/records",
+        [records.mask_setting_string(self._mask_config)],
+        num_shards=num_shards, tfds_data_dir=self.data_dir) + (
+            "\nthen set --config.dataset.records_dir=/path/to/records")
+
   def _load(self, example_id):
-    image = np.asarray(self._source[int(example_id)][self._image_key])
+    i = int(example_id)
+    ex = self._source[i]
+    image = np.asarray(ex[self._keys["image"]])
     if image.ndim == 2:
       image = image[..., None]
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
     image = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
-    return image, self._segments(image)
+    k = self._keys
+    label = np.int64(ex[k["label"]] if k["label"] else -1)
+    ident = ex[k["id"]] if k["id"] else f"{self.name}/{self.split}/{i}"
+    ident = ident if isinstance(ident, bytes) else str(ident).encode()
+    return image, self._segments(image), label, ident
 
   def lookup(self, example_id):
-    image, seg = tf.numpy_function(self._load, [example_id],
-                                   [tf.uint8, tf.int32], stateful=False)
+    image, seg, label, ident = tf.numpy_function(
+        self._load, [example_id], [tf.uint8, tf.int32, tf.int64, tf.string],
+        stateful=False)
     image.set_shape([None, None, 3])
     seg.set_shape([None, None])
-    return {"image": image, "segments": seg}
+    label.set_shape([])
+    ident.set_shape([])
+    return {"image": image, "segments": seg, "label": label, "id": ident}
 
 
 def make_source(config) -> Source:
