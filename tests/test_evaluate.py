@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from odin_jax.evaluate import runner
 from odin_jax.models import heads
 
 # Small everything: 4 scenes, a 4x4 stage4 grid (96-px test scenes resized
-# to 128), one short clip.
+# to 128, feature 'auto' = stage4), one short clip.
 _SMALL = {"num_images": 4, "probe_train_images": 6, "probe_test_images": 4,
           "probe_steps": 50, "video_clips": 1, "video_frames": 4,
           "picture_images": 2, "discovery_ks": (1, 2, 4, 8),
@@ -99,8 +100,10 @@ def test_cli_end_to_end(run_dir, tmp_path):
   _in_unit_interval(metrics)
   info = record["info"]
   assert not any(k.startswith(("coco/", "davis/")) for k in metrics)
-  # feature 'auto' = stage3 (no FPN): 96-px scenes resized to 128 -> 8x8.
-  assert info["discovery/grid"] == [8, 8]
+  # feature 'auto' = stage4 (no FPN, App. A.4's final hidden layer h):
+  # 96-px scenes resized to 128 -> 4x4 cells, so K = 1, 2, 4, 8 all apply.
+  assert info["discovery/feature"] == "stage4"
+  assert info["discovery/grid"] == [4, 4]
   assert info["discovery/ks"] == [1, 2, 4, 8]
   assert info["discovery/num_images"] == 4
   png = Image.open(record["pictures"]["discovery"])
@@ -108,6 +111,68 @@ def test_cli_end_to_end(run_dir, tmp_path):
   assert png.size == (4 * 96, 2 * 96 + 2)
   assert any(f.startswith("events.out.tfevents")
              for f in os.listdir(run_dir))
+
+
+class _CompileCounter:
+  """Names of the XLA compilations this thread runs inside the `with`.
+
+  Listens to JAX's backend-compile duration event (jax.monitoring), which
+  fires once per executable XLA builds and never for a cache hit; other
+  threads (e.g. asynchronous checkpointing) are not counted.
+  """
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    self.names = []
+    self._thread = threading.get_ident()
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del duration
+    if event == self.EVENT and threading.get_ident() == self._thread:
+      self.names.append(kwargs.get("fun_name", "?"))
+
+
+def test_compile_counter_sees_compilations():
+  """The counter the no-recompilation tests rely on counts a fresh jit once
+  and its cached second call not at all."""
+  fn = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)
+  with _CompileCounter() as first:
+    fn(np.ones((3, 5), np.float32)).block_until_ready()
+  with _CompileCounter() as second:
+    fn(np.zeros((3, 5), np.float32)).block_until_ready()
+  assert first.names == ["jit(<lambda>)"], first.names
+  assert second.names == []
+
+
+def test_second_evaluation_compiles_nothing(run_dir):
+  """A second in-memory evaluation (what every periodic call after the first
+  is) reuses the compiled feature extractor and k-means: no XLA compilation,
+  even with other parameter values."""
+  config = _config()
+  params, batch_stats, _ = runner.load_params(config, str(run_dir))
+  # 160 px (stage4: 5x5), a grid no other test here compiles for, so the
+  # first call has to compile.
+  overrides = dict(_SMALL, image_size=160)
+  kwargs = dict(which="periodic", overrides=overrides, log_table=False)
+  workdir = str(run_dir / "recompile")
+  with _CompileCounter() as first:
+    before = runner.evaluate(config, workdir, params=params,
+                             batch_stats=batch_stats, step=1, **kwargs)
+  moved = jax.tree.map(lambda x: x * 1.5, params)
+  with _CompileCounter() as second:
+    after = runner.evaluate(config, workdir, params=moved,
+                            batch_stats=batch_stats, step=2, **kwargs)
+  assert any("kmeans" in n for n in first.names), first.names
+  assert any("apply" in n for n in first.names), first.names
+  assert second.names == [], second.names
+  assert set(after) == set(before)
+  _in_unit_interval(after)
 
 
 class _Writer:
@@ -215,6 +280,25 @@ def test_settings_and_helpers():
   with pytest.raises(ValueError, match="Unknown evaluations"):
     runner.evaluate(config, "/nonexistent", which="discovry")
 
+  # eval.feature='auto' = Odin App. A.4: the final hidden layer h of a plain
+  # ResNet / Swin / ViT, the projections z with an FPN; 1024 px for the
+  # paper presets (ResNet stage4: 32x32, FPN p2: 256x256), ViT 448 (B/8:
+  # 56x56), 256 at demo scale.
+  from configs import odin
+  paper = detcon_b.get_config()
+  assert runner.default_feature(paper) == "stage4"
+  assert paper.eval.image_size == 1024
+  assert step.feature_grid(paper, 1024) == (32, 32)
+  odin_paper = odin.get_config()
+  assert runner.default_feature(odin_paper) == "projection"
+  assert step.feature_grid(odin_paper, odin_paper.eval.image_size) == (
+      256, 256)
+  assert runner.default_feature(detcon_b.get_config("swin_t")) == "stage4"
+  vit = detcon_b.get_config("vit_b8")
+  assert runner.default_feature(vit) == "tokens"
+  assert step.feature_grid(vit, vit.eval.image_size) == (56, 56)
+  assert detcon_b.get_config("demo").eval.image_size == 256
+
   classes = np.zeros((3, 4, 4), np.int32)
   classes[0, :2] = 2       # class 2: 8 px
   classes[0, 3, :3] = 5    # class 5: 3 px
@@ -253,12 +337,26 @@ def test_coco_panoptic_instances():
                                                        80, 0)))
 
 
-def test_periodic_eval_during_training(tmp_path):
+def test_periodic_eval_during_training(tmp_path, monkeypatch):
+  """Periodic evaluations run before the first step and every every_steps;
+  the second one compiles nothing (the first call's programs are reused)."""
   from configs import detcon_b
   from odin_jax import train
   config = detcon_b.get_config("test")
   config.total_steps, config.eval.every_steps = 2, 2
+  compiled = {}
+  evaluate = runner.evaluate
+
+  def counted(*args, **kwargs):
+    with _CompileCounter() as counter:
+      out = evaluate(*args, **kwargs)
+    compiled[kwargs["step"]] = counter.names
+    return out
+
+  monkeypatch.setattr(runner, "evaluate", counted)
   train.train_and_evaluate(config, str(tmp_path))
   for s in (0, 2):   # before the first step and at the end
     path = tmp_path / "eval" / f"results_step_{s}.json"
     assert path.exists(), sorted(os.listdir(tmp_path / "eval"))
+  assert sorted(compiled) == [0, 2]
+  assert compiled[2] == [], compiled[2]

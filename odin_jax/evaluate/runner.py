@@ -29,11 +29,16 @@ Features (`FeatureSource`): images uint8 are scaled to [0, 1], resized
 `ObjectNetwork.feature_maps` (feature 'stem', 'stage1'..'stage4', 'p2'..'p5'
 with an FPN) or `dense_projection` (feature 'projection': the projector g
 applied to every cell of the model's own hidden map, config.model
-.feature_stage). eval.feature='auto' picks 'projection' when the model has an
-FPN (Odin App. A.4 clusters the FPN projections z) and 'stage3' otherwise
-(see "Resolution" below; App. A.4's ResNet protocol is feature='stage4' at
-image_size=1024); for a ViT it picks 'tokens', its final hidden layer (App.
-A.4: ViTs at 448 px, B/8 -> 56x56; docs/transformers.md).
+.feature_stage). eval.feature='auto' (`default_feature`) follows Odin App.
+A.4: the projections z ('projection') when the model has an FPN, else the
+final hidden layer h: 'stage4' (stride 32) of a ResNet (or a Swin, same
+strides), 'tokens' of a ViT (App. A.4: ViTs at 448 px, B/8 -> 56x56;
+docs/transformers.md); hiergroup's 'embedding'. See "Resolution" below.
+Compiled once: the feature extractor is cached per (model, feature, input
+size) and k-means is one jitted program per (batch, cells, K_max), so only
+the first of the training loop's periodic evaluations compiles (what an
+Odin demo call still costs, ~1 min on 2 CPU cores, is computation: its
+64x64 grid's k-means).
 
 Evaluations (`EVALUATIONS`; each returns metrics, info and pictures):
   discovery     Odin App. A.4: L2-normalised features, k-means for K in
@@ -77,16 +82,21 @@ Data: held-out demo scenes (`demo.load_demo` with eval.demo_seed, 1 by
 default, while training draws seed 0), only scenes with ground truth, at
 config.dataset.demo_image_size (128 px in the demo / test presets).
 
-Resolution. App. A.4 runs a ResNet at 1024 px so that stage4 (stride 32)
-gives a 32x32 grid: COCO objects then span several cells. Demo objects are
-30-65 px wide in 128-px scenes. eval.image_size = 256 (x2) stays within the
-scale range of the training views (crops of 8-100% of a 128-px scene resized
-to 96 px: x0.75 to x2.7); there stage4 gives 8x8 cells of 16 px of the
-ground truth, so an object spans 2-4 cells and no k-means cluster can match
-it at IoU > 0.5 (measured: OR 2-3% for a trained and a random network
-alike), while stage3 (stride 16) gives 16x16 cells of 8 px, 4-8 across an
-object, the regime of App. A.4 on COCO. Hence 'auto' = 'stage3' for a plain
-ResNet. An FPN's p2 gives 64x64 at 256 px, App. A.4's FPN grid.
+Resolution. App. A.4 resizes central crops to 1024 px for ResNets (stage4:
+a 32x32 grid; an FPN's p2: 256x256) and to 448 px for ViTs: config.eval
+.image_size is 1024 by default and 448 in the ViT presets. The demo / test
+presets evaluate the 128-px demo scenes at 256 px (x2, as App. A.4 scales
+COCO's ~480-px crops x2.1; x2 is inside the scale range of the demo's
+training views, crops of 8-100% of a scene resized to 96 px: x0.75-x2.7).
+There stage4 gives 8x8 cells of 16 px of the ground truth (a demo object,
+30-65 px, spans 2-4; K > 64 is dropped) and an FPN's p2 64x64. Measured on
+the 32 held-out scenes (ABO^i, random init -> DetCon-B demo, 200 steps):
+stage4 at 256 px 0.319 -> 0.296, at 512 px (16x16) 0.280 -> 0.267, at
+1024 px (32x32) 0.319 -> 0.258; stage3 at 256 px 0.265 -> 0.270. No size
+made the demo-trained plain ResNet beat its random init, and 512 / 1024 px
+cost 4x / 16x on CPU (an FPN's 128x128 / 256x256 k-means most), so the
+demo keeps 256. Other grids: --config.eval.feature=stage3 (stride 16) or
+--config.eval.image_size=512.
 Evaluations discovery / instances / pictures use scenes 0..num_images-1;
 the probes test on scenes 0..probe_test-1 and train on the next
 probe_train scenes.
@@ -143,9 +153,10 @@ class EvalSettings:
   periodic: evaluations run during training (cheap by default).
   evals: evaluations run by `python -m odin_jax.evaluate` by default.
   feature: 'auto' | 'projection' | a feature map name ('stage4', 'p2', ...);
-    'auto' = 'projection' with an FPN, 'tokens' for a ViT, 'embedding' for
-    hiergroup (its 32-d per-pixel embedding, stride 4), else 'stage3'.
-  image_size: network input side (demo scenes are resized to it).
+    'auto' = `default_feature`: 'projection' with an FPN, 'tokens' for a
+    ViT, 'embedding' for hiergroup, else 'stage4' (App. A.4).
+  image_size: network input side (images are resized to it); App. A.4:
+    1024 for ResNets (stage4: 32x32, FPN p2: 256x256), 448 for ViTs.
   batch_size: images per jitted forward pass.
   seed: PRNG seed of k-means, spectral clustering and the probe.
   demo_seed: seed of the held-out demo scenes (training uses 0).
@@ -166,7 +177,7 @@ class EvalSettings:
   periodic: tuple = ("discovery", "pictures")
   evals: tuple = EVALUATIONS
   feature: str = "auto"
-  image_size: int = 256
+  image_size: int = 1024
   batch_size: int = 16
   seed: int = 0
   demo_seed: int = 1
@@ -410,14 +421,18 @@ def _warn_config_differences(meta: dict, config, directory) -> None:
 
 
 def default_feature(config) -> str:
-  """'projection' with an FPN (Odin App. A.4), else 'stage3' (module doc);
-  a ViT's final hidden layer 'tokens' (App. A.4: "the final hidden layer h"
-  for ViTs). A Swin is treated like a ResNet (same strides)."""
+  """The features eval.feature='auto' clusters (Odin App. A.4).
+
+  'projection' (the FPN projections z) with an FPN; else the final hidden
+  layer h: 'tokens' for a ViT, 'stage4' (stride 32) for a ResNet or a Swin
+  (same strides); 'embedding' (its 32-d per-pixel embedding, stride 4) for
+  hiergroup.
+  """
   if config.model.get("backbone", "resnet") == "vit":
     return "tokens"
   if config.loss.name == "hiergroup":   # the learnt per-pixel embedding F
     return "embedding"
-  return "projection" if config.model.get("fpn_channels", 0) else "stage3"
+  return "projection" if config.model.get("fpn_channels", 0) else "stage4"
 
 
 _FEATURE_FNS: dict = {}
