@@ -144,15 +144,17 @@ def main():
   p.add_argument("--skip_steps", action="store_true")
   p.add_argument("--step_batch", type=int, default=16)
   p.add_argument("--step_image_size", type=int, default=96)
+  p.add_argument("--step_repeats", type=int, default=5,
+                 help="interleaved timed steps per method")
   args = p.parse_args()
   if not args.skip_kmeans:
     bench_kmeans(args.batch, args.size, args.dim, args.clusters, args.iters,
                  args.repeats, args.sklearn_threads or None)
   if not args.skip_steps:
-    bench_steps(args.step_batch, args.step_image_size)
+    bench_steps(args.step_batch, args.step_image_size, args.step_repeats)
 
 
-def bench_steps(batch: int, image_size: int) -> dict:
+def bench_steps(batch: int, image_size: int, steps: int = 5) -> dict:
   """Step-time ratios of Odin against DetCon-B, measured in one run.
 
   All on ResNet-18 x0.5 at the given view size and batch:
@@ -169,12 +171,13 @@ def bench_steps(batch: int, image_size: int) -> dict:
                     2x spanning view and k-means (K=16) every step;
     r2o             R2O: + target C4 on the spanning view, region k-means.
   Goals (issue): Odin-continuous / DetCon-B <= 1.6, Odin-cached / DetCon-B
-  with the same FPN backbone <= 1.05.
+  with the same FPN backbone <= 1.05. All steps (and Odin's discovery parts,
+  timed alone) are compiled first, then timed round by round, interleaved.
   """
   import step_time  # pylint: disable=g-import-not-at-top
   from configs import detcon_b, odin, r2o  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(depth=18, width=0.5, image_size=image_size,
-                            batch=batch, steps=5, warmup=2)
+                            batch=batch, steps=steps, warmup=2)
   fpn = step_time.bench_config(detcon_b, args)
   fpn.model.fpn_channels = odin.get_config("demo").model.fpn_channels
   fpn.model.feature_stage = "p2"
@@ -186,15 +189,37 @@ def bench_steps(batch: int, image_size: int) -> dict:
   cached = step_time.bench_config(odin, args)
   cached.odin.tau_update, cached.odin.cached = "copy", True
   configs["odin_cached"] = cached
-  t = {name: step_time.time_config(c, args) for name, c in configs.items()}
+  runners = {name: step_time.make_runner(c) for name, c in configs.items()}
+  runners.update(_discovery_runners(configs["odin"]))
+  times = step_time.time_runners(runners, args, reduce=None)
+  t = {name: float(np.median(v)) for name, v in times.items()}
+  fastest = {name: min(v) for name, v in times.items()}
   refresh = _refresh_seconds_per_image(cached, batch)
   print(f"\nstep time, ResNet-18 x0.5, {image_size}px views, batch {batch} "
-        f"({jax.devices()[0].platform} x{jax.device_count()}, median of 5):")
+        f"({jax.devices()[0].platform} x{jax.device_count()}, {steps} "
+        f"interleaved steps, load average {os.getloadavg()[0]:.1f}): median "
+        f"(min, the least disturbed by other load)")
   rows = (("detcon_b", "detcon_b"), ("detcon_b_fpn", "detcon_b"),
           ("odin", "detcon_b"), ("odin", "detcon_b_fpn"),
-          ("odin_cached", "detcon_b_fpn"), ("r2o", "detcon_b"))
+          ("odin_cached", "detcon_b_fpn"), ("r2o", "detcon_b"),
+          # What Odin adds to detcon_b_fpn, measured on its own.
+          ("odin tau fwd", "detcon_b"), ("odin k-means", "detcon_b"))
   for name, base in rows:
-    print(f"  {name:13s} {1000 * t[name]:9.1f} ms  {t[name] / t[base]:6.3f} x {base}")
+    print(f"  {name:13s} {1000 * t[name]:7.1f} ms ({1000 * fastest[name]:7.1f})"
+          f"  {t[name] / t[base]:6.3f} x {base} "
+          f"({fastest[name] / fastest[base]:.3f})")
+  # Arithmetic, whatever the hardware: Odin's step is detcon_b_fpn's plus
+  # τ's forward pass on the 2x view plus k-means (analytic: XLA's cost
+  # analysis counts a loop body once).
+  flops = {name: runners[name].flops for name in
+           ("detcon_b", "detcon_b_fpn", "odin tau fwd", "odin k-means")}
+  flops["odin"] = (flops["detcon_b_fpn"] + flops["odin tau fwd"]
+                   + flops["odin k-means"])
+  print("  GFLOP per step (XLA cost analysis; k-means analytic): " + ", ".join(
+      f"{name} {flops[name] / 1e9:.1f}" for name in flops)
+        + f"; odin / detcon_b = {flops['odin'] / flops['detcon_b']:.2f}, "
+        f"without k-means {(flops['odin'] - flops['odin k-means']) / flops['detcon_b']:.2f}")
+  t["flops"] = flops
   # Per epoch the refresh costs N * refresh / copy_every_epochs against the
   # training's N / batch steps.
   per_image_step = t["odin_cached"] / batch
@@ -205,6 +230,59 @@ def bench_steps(batch: int, image_size: int) -> dict:
         f"+{100 * refresh / per_image_step / epochs:.3f} %")
   t["refresh_per_image"] = refresh
   return t
+
+
+def _discovery_runners(config) -> dict:
+  """Odin's discovery branch in two parts, each a run() -> seconds:
+  'odin tau fwd' (τ's per-pixel projections of the 2x spanning view, BN on
+  batch statistics, as in the step) and 'odin k-means' (on those
+  projections, L2-normalised)."""
+  from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from odin_jax.models import heads  # pylint: disable=g-import-not-at-top
+  model = heads.from_config(config)
+  tx = step_lib.make_optimizer(config, lambda count: 0.0)
+  state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+  side = int(round(config.odin.span_scale * config.image_size))
+  span = jax.random.uniform(jax.random.PRNGKey(1),
+                            (config.batch_size, side, side, 3))
+  import step_time  # pylint: disable=g-import-not-at-top
+  project = jax.jit(lambda p, s, x: model.apply(
+      {"params": p, "batch_stats": s}, x, train=True,
+      method=model.dense_projection, mutable=["batch_stats"])[0])
+  project = project.lower(state.discovery_params, state.batch_stats,
+                          span).compile()
+  z = project(state.discovery_params, state.batch_stats, span)
+  b, h, w, d = z.shape
+  z = step_lib._unit(z.reshape(b, h * w, d))   # pylint: disable=protected-access
+  o = config.odin
+  cluster = jax.jit(lambda z, key: km.kmeans(z, o.num_clusters, key,
+                                             num_iters=o.kmeans_iters)[0])
+  key = jax.random.PRNGKey(2)
+
+  def timed(fn, flops, *args):
+    def run():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      return time.perf_counter() - start
+    run.flops = flops
+    return run
+
+  return {"odin tau fwd": timed(project, step_time.compiled_flops(project),
+                                state.discovery_params, state.batch_stats,
+                                span),
+          "odin k-means": timed(cluster, kmeans_flops(
+              b, h * w, d, o.num_clusters, o.kmeans_iters), z, key)}
+
+
+def kmeans_flops(batch: int, points: int, dim: int, clusters: int,
+                 iters: int, trials: int | None = None) -> float:
+  """Multiply-add FLOPs of km.kmeans with k-means++ (its module docstring):
+  K-1 seeding passes of N·L·D, then per Lloyd iteration the sums and the
+  distances, N·K·D each."""
+  if trials is None:
+    trials = 2 + int(np.log(clusters))
+  per_image = dim * points * (trials * (clusters - 1) + 2 * clusters * iters)
+  return 2.0 * batch * per_image
 
 
 def _refresh_seconds_per_image(config, batch: int, repeats: int = 5) -> float:

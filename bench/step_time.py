@@ -53,8 +53,10 @@ def synthetic_batch(c, rng):
   return batch
 
 
-def time_config(c, args):
-  """Median wall time of one jitted, blocked train step of config c."""
+def make_runner(c):
+  """Compiles config c's train step; returns run() -> seconds of one jitted,
+  blocked step (the state is carried from step to step), with run.flops the
+  step's FLOPs by XLA's cost analysis."""
   model = heads.from_config(c)
   lr = step.learning_rate_schedule(c, 1000, 10)
   tx = step.make_optimizer(c, lr)
@@ -68,16 +70,56 @@ def time_config(c, args):
                in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep),
                donate_argnums=(0,))
   batch = sharding.to_global(mesh, synthetic_batch(c, np.random.default_rng(0)))
-  for _ in range(args.warmup):
-    state, m = fn(state, batch)
-    jax.block_until_ready(m)
-  times = []
-  for _ in range(args.steps):
+  compiled = fn.lower(state, batch).compile()
+  carry = {"state": state}
+
+  def run():
     t = time.perf_counter()
-    state, m = fn(state, batch)
+    carry["state"], m = compiled(carry["state"], batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+    return time.perf_counter() - t
+
+  run.flops = compiled_flops(compiled)
+  return run
+
+
+def compiled_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program. A while loop's body (k-means's
+  iterations) is counted once, not per iteration."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def time_runners(runners: dict, args, reduce=np.median) -> dict:
+  """Median (or reduce(times); reduce=None: the list) of the seconds per
+  step of each runner, interleaved round by round.
+
+  After args.warmup steps each, round r runs one step of every runner in
+  turn, so a change of load on a shared host hits all of them alike (timing
+  one method after the other made ratios drift by 2x on a loaded machine).
+  """
+  for run in runners.values():
+    for _ in range(args.warmup):
+      run()
+  times = {name: [] for name in runners}
+  for _ in range(args.steps):
+    for name, run in runners.items():
+      times[name].append(run())
+  if reduce is None:
+    return times
+  return {name: float(reduce(t)) for name, t in times.items()}
+
+
+def time_configs(configs: dict, args) -> dict:
+  """Median step seconds of each config (name -> config), interleaved."""
+  return time_runners({name: make_runner(c) for name, c in configs.items()},
+                      args)
+
+
+def time_config(c, args):
+  """Median wall time of one jitted, blocked train step of config c."""
+  return time_configs({"c": c}, args)["c"]
 
 
 def time_method(module, args):
@@ -98,9 +140,11 @@ def parse_args():
 def main():
   args = parse_args()
   methods = {"byol": byol, "detcon_b": detcon_b, "simclr": simclr, "detcon_s": detcon_s}
-  t = {name: time_method(mod, args) for name, mod in methods.items()}
+  t = time_configs({name: bench_config(mod, args)
+                    for name, mod in methods.items()}, args)
   print(f"\n{jax.devices()[0].platform} x{jax.device_count()}, ResNet-{args.depth} "
-        f"x{args.width}, {args.image_size}px, batch {args.batch}, median of {args.steps}")
+        f"x{args.width}, {args.image_size}px, batch {args.batch}, median of {args.steps} "
+        f"interleaved steps")
   print(f"{'method':10s} {'step (ms)':>10s} {'ratio':>14s}")
   for name, base in (("byol", "byol"), ("detcon_b", "byol"), ("simclr", "simclr"),
                      ("detcon_s", "simclr")):

@@ -169,3 +169,60 @@ def test_sharded_over_four_devices_matches_single_device():
   hlo = fn.as_text()
   for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
     assert op not in hlo, op
+
+
+def test_seeding_tracks_the_nearest_centre():
+  # With no Lloyd step the assignment is the one k-means++ kept track of
+  # while seeding: it must be every point's nearest returned centre.
+  rng = np.random.default_rng(6)
+  x = blobs(rng, 4, 300, 8, 7, 0.6)
+  valid = rng.random(x.shape[:2]) > 0.1
+  a, c = km.kmeans(x, 7, jax.random.PRNGKey(5), num_iters=0, valid=valid,
+                   num_active=6)
+  a, c = np.asarray(a), np.asarray(c, np.float64)
+  d = ((x[:, :, None].astype(np.float64) - c[:, None, :6]) ** 2).sum(-1)
+  np.testing.assert_array_equal(a[valid], d.argmin(-1)[valid])
+  assert (a[~valid] == -1).all()
+
+
+def _while_loops(fn, *args):
+  return fn.lower(*args).as_text().count("stablehlo.while")
+
+
+def test_cpu_chunks_cluster_like_the_whole_batch(monkeypatch):
+  assert jax.device_count() >= 4 and jax.default_backend() == "cpu"
+  rng = np.random.default_rng(7)
+  batch, n, dim = 8, 200, 8
+  x = blobs(rng, batch, n, dim, 5, 0.5)
+  valid = rng.random((batch, n)) > 0.2
+  x[~valid] = 1e3
+  key = jax.random.PRNGKey(8)
+  run = lambda x, v: km.kmeans(x, 6, key, num_iters=4, valid=v, num_active=5)
+  a1, c1 = jax.jit(run)(x, valid)
+  loops = _while_loops(jax.jit(run), x, valid)
+  image_bytes = n * dim * 4
+  assert km._cpu_chunks(batch, image_bytes, jax.device_count()) == 1
+  # 4 images (one per device) a chunk: the batch runs as 2 chunks in a loop.
+  monkeypatch.setattr(km, "_CPU_CHUNK_BYTES", 4 * image_bytes)
+  assert km._cpu_chunks(batch, image_bytes, jax.device_count()) == 2
+  jax.clear_caches()        # kmeans's traces read the constant
+  try:
+    chunked_fn = jax.jit(run)
+    assert _while_loops(chunked_fn, x, valid) == loops + 1   # the chunks
+    a2, c2 = chunked_fn(x, valid)
+    np.testing.assert_array_equal(np.asarray(a2), np.asarray(a1))
+    np.testing.assert_allclose(np.asarray(c2), np.asarray(c1), atol=1e-6)
+    # Sharded over 4 devices: still no cross-device traffic.
+    mesh = jax.make_mesh((4,), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, P("data"))
+    xs, vs = jax.device_put(x, shard), jax.device_put(valid, shard)
+    fn = jax.jit(run, out_shardings=(shard, shard)).lower(xs, vs).compile()
+    a4, c4 = fn(xs, vs)
+    np.testing.assert_array_equal(np.asarray(a4), np.asarray(a1))
+    np.testing.assert_allclose(np.asarray(c4), np.asarray(c1), atol=1e-6)
+    hlo = fn.as_text()
+    for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
+      assert op not in hlo, op
+  finally:
+    jax.clear_caches()        # no chunked program for later tests
