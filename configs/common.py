@@ -180,6 +180,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # z, at 1024 px for ResNets (stage4 32x32, FPN p2 256x256; ViT presets:
   # 448). The demo / test presets evaluate at 256 (see apply_preset).
   e.feature = "auto"
+  e.resnet_feature = "stage4"        # 'auto' for a ResNet / Swin, no FPN
   e.image_size = 1024
   e.batch_size = 16
   e.seed = 0
@@ -254,6 +255,10 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
     # "Resolution"), and they cost 4-16x on CPU (an FPN's k-means most).
     c.eval.image_size = 256
     if preset == "demo":
+      # stage4 at 256 px is an 8x8 grid, too coarse for any k-means cluster
+      # to match a 30-65 px demo object at IoU > 0.5 (evaluate/runner.py,
+      # "Resolution"): the demo clusters stage3 (16x16) instead.
+      c.eval.resnet_feature = "stage3"
       c.image_size = 96
       c.model.width = 0.5
       c.batch_size = 16

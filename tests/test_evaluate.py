@@ -297,7 +297,13 @@ def test_settings_and_helpers():
   vit = detcon_b.get_config("vit_b8")
   assert runner.default_feature(vit) == "tokens"
   assert step.feature_grid(vit, vit.eval.image_size) == (56, 56)
-  assert detcon_b.get_config("demo").eval.image_size == 256
+  demo = detcon_b.get_config("demo")
+  assert demo.eval.image_size == 256
+  # The demo's scenes are too small for stride 32 at 256 px (8x8 cells):
+  # it clusters stage3 (16x16); an FPN keeps its projections.
+  assert runner.default_feature(demo) == "stage3"
+  assert runner.default_feature(odin.get_config("demo")) == "projection"
+  assert runner.default_feature(detcon_b.get_config("test")) == "stage4"
 
   classes = np.zeros((3, 4, 4), np.int32)
   classes[0, :2] = 2       # class 2: 8 px
