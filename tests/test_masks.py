@@ -1,4 +1,5 @@
 """Segment-id maps: contiguous int32 ids that never wrap, grid layout, dispatch."""
+import sys
 import types
 
 import ml_collections
@@ -222,3 +223,23 @@ def test_fh_opencv_precompute_round_trip(tmp_path):
     # The stored map is OpenCV's FH of the stored (JPEG-converted) image.
     np.testing.assert_array_equal(
         segments, masks.felzenszwalb_segments_opencv(image, 200, 0.8, 100))
+
+
+def test_fh_opencv_without_opencv_says_how_to_install(tmp_path, monkeypatch):
+  """No cv2: precompute stops before any work with the install command."""
+  from odin_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "cv2", None)    # import cv2 -> ImportError
+  image = np.zeros((8, 8, 3), np.uint8)
+  with pytest.raises(ImportError, match=r"odin_jax\[opencv\]"):
+    masks.compute_segments(image, _config(method="fh_opencv"))
+  (tmp_path / "images").mkdir()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+      tmp_path / "images" / "0.png")
+  with pytest.raises(ImportError, match=r"odin_jax\[opencv\]"):
+    precompute.run(precompute.Options(
+        source=f"folder:{tmp_path / 'images'}",
+        output_dir=str(tmp_path / "out"), masks=("fh_opencv:scale=100",),
+        num_workers=1, log_every_s=1e9))
+  assert not (tmp_path / "out").exists() or not any(
+      (tmp_path / "out").glob("*.array_record*"))
