@@ -304,6 +304,12 @@ def test_settings_and_helpers():
   assert runner.default_feature(demo) == "stage3"
   assert runner.default_feature(odin.get_config("demo")) == "projection"
   assert runner.default_feature(detcon_b.get_config("test")) == "stage4"
+  # --set=resnet_feature=... (an EvalSettings override) reaches 'auto'.
+  settings = runner.settings_from_config(demo, resnet_feature="stage4")
+  assert runner.FeatureSource(demo, {}, {}, settings.feature,
+                              resnet_feature=settings.resnet_feature
+                              ).feature == "stage4"
+  assert runner.FeatureSource(demo, {}, {}).feature == "stage3"
 
   classes = np.zeros((3, 4, 4), np.int32)
   classes[0, :2] = 2       # class 2: 8 px

@@ -427,13 +427,14 @@ def _warn_config_differences(meta: dict, config, directory) -> None:
 # --- Features -------------------------------------------------------------
 
 
-def default_feature(config) -> str:
+def default_feature(config, resnet_feature: str | None = None) -> str:
   """The features eval.feature='auto' clusters (Odin App. A.4).
 
   'projection' (the FPN projections z) with an FPN; else the final hidden
   layer h: 'tokens' for a ViT, eval.resnet_feature ('stage4', stride 32)
   for a ResNet or a Swin (same strides); 'embedding' (its 32-d per-pixel
-  embedding, stride 4) for hiergroup.
+  embedding, stride 4) for hiergroup. resnet_feature, when given, replaces
+  config.eval.resnet_feature (an `EvalSettings` override).
   """
   if config.model.get("backbone", "resnet") == "vit":
     return "tokens"
@@ -441,6 +442,8 @@ def default_feature(config) -> str:
     return "embedding"
   if config.model.get("fpn_channels", 0):
     return "projection"
+  if resnet_feature is not None:
+    return resnet_feature
   section = config.get("eval") if hasattr(config, "get") else None
   return (section.get("resnet_feature", "stage4") if section is not None
           else "stage4")
@@ -490,8 +493,10 @@ class FeatureSource:
   """
 
   def __init__(self, config, params, batch_stats, feature: str = "auto",
-               image_size: int | None = None, batch_size: int = 16):
-    self.feature = default_feature(config) if feature == "auto" else feature
+               image_size: int | None = None, batch_size: int = 16,
+               resnet_feature: str | None = None):
+    self.feature = (default_feature(config, resnet_feature)
+                    if feature == "auto" else feature)
     self.image_size = image_size
     self.batch_size = int(batch_size)
     self._config = config
@@ -995,11 +1000,14 @@ def tfds_prepared(name: str, data_dir) -> tuple[bool, str]:
 
 
 def _tfds_examples(name: str, split: str, data_dir, count: int):
-  """numpy examples of a prepared TFDS split (first `count`)."""
+  """numpy examples of a prepared TFDS split (the first `count`, or all of
+  a smaller split: TFDS rejects a slice past the split's end)."""
   import tensorflow_datasets as tfds
   from odin_jax.data import pipeline
   pipeline.hide_accelerators_from_tf()
-  ds = tfds.load(name, split=f"{split}[:{int(count)}]", data_dir=data_dir,
+  available = tfds.builder(name, data_dir=data_dir).info.splits[split]
+  count = min(int(count), available.num_examples)
+  ds = tfds.load(name, split=f"{split}[:{count}]", data_dir=data_dir,
                  download=False, shuffle_files=False)
   return tfds.as_numpy(ds)
 
@@ -1219,7 +1227,8 @@ def evaluate(config, workdir: str, *, params=None, batch_stats=None,
     step = 0
   if params is not None:
     features = FeatureSource(config, params, batch_stats, settings.feature,
-                             settings.image_size, settings.batch_size)
+                             settings.image_size, settings.batch_size,
+                             settings.resnet_feature)
   tag = _tag(source, step)
   if source == "checkpoint" and params_key != "params":
     tag += f"_{params_key}"
