@@ -107,6 +107,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   m.feature_stage = "stage4"     # or 'p2' (FPN, stride 4; needs fpn_channels)
   m.fpn_channels = 0             # > 0 adds an FPN on stages 1-4 (Odin)
   m.zero_init_residual = False
+  # ResNet output stride: 32 (standard), 16 / 8 dilate stage4 / stages 3-4
+  # (same parameters; DetCon pools a finer map: 6x6 instead of 3x3 at 96 px)
+  m.output_stride = 32
   m.dtype = "float32"
 
   c.loss = ml_collections.ConfigDict()

@@ -60,6 +60,16 @@ def validate(config) -> None:
            f"model.depth={config.model.depth}; choose one of "
            f"{sorted(resnet.STAGE_SIZES)}.")
   _require(config.model.width > 0, "model.width must be > 0.")
+  output_stride = config.model.get("output_stride", 32)
+  _require(output_stride in resnet.OUTPUT_STRIDES,
+           f"model.output_stride={output_stride!r}; choose one of "
+           f"{resnet.OUTPUT_STRIDES}.")
+  _require(output_stride == 32 or (
+      config.model.get("backbone", "resnet") == "resnet"
+      and config.model.fpn_channels == 0 and config.loss.name != "hiergroup"),
+           f"model.output_stride={output_stride} dilates a plain ResNet; an "
+           "FPN (its levels are 2x apart), a ViT / Swin and the hiergroup "
+           "network need model.output_stride=32.")
   _validate_backbone(config)
   stage = config.model.feature_stage
   maps = _backbone_maps(config)

@@ -308,7 +308,8 @@ def feature_grid(config, image_size: int | None = None) -> tuple[int, int]:
   if backbone == "swin":
     side = swin.stage_grid(size, stage, config.model.swin.patch_size)
   else:
-    side = resnet.stage_grid(size, stage)
+    side = resnet.stage_grid(size, stage,
+                             config.model.get("output_stride", 32))
   return side, side
 
 

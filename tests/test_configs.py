@@ -49,6 +49,7 @@ def test_unknown_preset_names_the_choices():
     ("batch_size", 0, "batch_size"),
     ("num_masks", 4, "num_masks"),          # byol takes one global mask
     ("grad_accum_steps", 3, "grad_accum_steps"),
+    ("model.output_stride", 4, "model.output_stride"),
 ])
 def test_bad_values_fail_with_the_field_name(field, value, match):
   config = byol.get_config("test")
@@ -92,6 +93,10 @@ def test_bad_odin_and_r2o_fields_fail_clearly():
   c = odin.get_config("test")
   c.model.fpn_channels = 0
   with pytest.raises(config_check.ConfigError, match="fpn_channels"):
+    config_check.validate(c)
+  c = odin.get_config("test")
+  c.model.output_stride = 16      # an FPN needs the strides 4-32
+  with pytest.raises(config_check.ConfigError, match="output_stride=16"):
     config_check.validate(c)
   c = r2o.get_config("test")
   c.r2o.group_size = 3

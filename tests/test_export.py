@@ -281,6 +281,8 @@ def test_cli_exports_every_format(trained):
       "byol", 2, 18, 0.125)
   assert info["input"]["mean"] == list(resnet.IMAGENET_MEAN)
   assert any("width 0.125" in w for w in info["warnings"])
+  assert info["output_stride"] == 32
+  assert not any("output stride" in w for w in info["warnings"])
 
   # Contents: the online backbone (not the EMA target), every array.
   params, batch_stats, _ = runner.load_params(config, str(workdir))

@@ -1,4 +1,5 @@
 """ResNet: torchvision padding, stage shapes, width, BatchNorm settings."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,66 @@ def test_conv_padding_is_torchvision(kernel, stride, size):
         x, params["params"]["kernel"], (stride, stride), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     assert not np.allclose(np.asarray(same), want, atol=1e-3)
+
+
+def test_dilated_conv_matches_numpy():
+  """resnet.conv(dilation=d): taps d apart, padded d * (k // 2) each side."""
+  layer = resnet.conv(3, 3, dilation=2)
+  x = np.random.default_rng(1).normal(size=(1, 9, 9, 2)).astype(np.float32)
+  params = layer.init(jax.random.PRNGKey(0), x)
+  w = np.asarray(params["params"]["kernel"])
+  spread = np.zeros((5, 5, 2, 3), np.float32)    # the same taps, 2 apart
+  spread[::2, ::2] = w
+  np.testing.assert_allclose(np.asarray(layer.apply(params, x)),
+                             numpy_conv(x, spread, 1, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_output_stride_dilates_with_the_same_parameters(depth):
+  """Output stride 16 / 8: stage4 (stage3) at stage3's (stage2's) resolution,
+  the same parameter tree, and at inference the dilated maps sampled every
+  2nd / 4th cell equal the stride-32 maps (the a-trous identity)."""
+  x = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 80, 80, 3)),
+                  jnp.float32)
+  variables = resnet.ResNet(depth=depth, width=0.125).init(
+      jax.random.PRNGKey(0), x, train=False)
+  # Non-trivial running statistics (small means: ReLUs stay half open),
+  # shared by the three networks.
+  rng = np.random.default_rng(3)
+  stats = flax.traverse_util.flatten_dict(variables["batch_stats"])
+  stats = {k: jnp.asarray(rng.normal(0, 0.1, v.shape) if k[-1] == "mean"
+                          else rng.uniform(0.5, 1.5, v.shape), v.dtype)
+           for k, v in stats.items()}
+  variables = {"params": variables["params"],
+               "batch_stats": flax.traverse_util.unflatten_dict(stats)}
+  base = resnet.ResNet(depth=depth, width=0.125).apply(variables, x,
+                                                       train=False)
+  assert base["stage4"].shape[1] == resnet.stage_grid(80) == 3
+  # The maps vary from cell to cell (else any dilation would pass).
+  assert float(jnp.std(base["stage4"], axis=(1, 2)).mean()) > 0.05
+  for output_stride, step3, step4 in ((16, 1, 2), (8, 2, 4)):
+    model = resnet.ResNet(depth=depth, width=0.125,
+                          output_stride=output_stride)
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), x,
+                                                   train=False))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(
+        lambda a: a.shape, variables)
+    out = model.apply(variables, x, train=False)
+    side = 80 // output_stride + (80 % output_stride > 0)
+    assert out["stage4"].shape[1] == side == resnet.stage_grid(
+        80, "stage4", output_stride)
+    assert out["stage3"].shape[1] == resnet.stage_grid(80, "stage3",
+                                                       output_stride)
+    np.testing.assert_allclose(out["stage2"], base["stage2"], rtol=1e-5)
+    # float32 rounding: the dilated convs sum in another order.
+    np.testing.assert_allclose(out["stage3"][:, ::step3, ::step3],
+                               base["stage3"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(out["stage4"][:, ::step4, ::step4],
+                               base["stage4"], rtol=1e-3, atol=1e-3)
+    # ... and not trivially: the cells in between are new.
+    assert out["stage4"].shape != base["stage4"].shape
+  with pytest.raises(ValueError, match="output_stride"):
+    resnet.ResNet(depth=18, output_stride=4).init(jax.random.PRNGKey(0), x)
 
 
 def test_max_pool_pads_with_minus_infinity():

@@ -129,6 +129,16 @@ def export(workdir: str, *, config=None, step: int | None = None,
           "input": _input_info(), "files": {}, "warnings": []}
   if backbone == "resnet":
     info.update(_resnet_info(depth, float(config.model.width), info))
+    output_stride = int(config.model.get("output_stride", 32))
+    info["output_stride"] = output_stride
+    if output_stride != 32:
+      info["warnings"].append(
+          f"trained at output stride {output_stride} (dilated stage4"
+          f"{'' if output_stride == 16 else ' and stage3'}): the weights are "
+          "those of a stride-32 ResNet and load unchanged; to reproduce the "
+          "trained geometry build the model with torchvision's "
+          "replace_stride_with_dilation (Bottleneck ResNets only) or "
+          "odin_jax.models.resnet.ResNet(output_stride=...).")
   else:
     info["timm"] = {
         "options": dict(heads.transformer_fields(config).get(

@@ -63,6 +63,7 @@ class ObjectNetwork(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"            # backbone rematerialisation (resnet.py)
+  output_stride: int = 32        # ResNet: 16 / 8 dilate stage4 / stages 3-4
   # 'resnet' (depth, width above) | 'vit' | 'swin': then backbone_options
   # are the vit.ViT / swin.Swin fields as ((name, value), ...) pairs.
   backbone_kind: str = "resnet"
@@ -78,8 +79,13 @@ class ObjectNetwork(nn.Module):
     else:
       self.backbone = resnet.ResNet(depth=self.depth, width=self.width,
                                     zero_init_residual=self.zero_init_residual,
-                                    dtype=self.dtype, remat=self.remat)
+                                    dtype=self.dtype, remat=self.remat,
+                                    output_stride=self.output_stride)
     if self.fpn_channels:
+      if self.output_stride != 32:
+        raise ValueError("An FPN needs the ResNet's strides 4-32 (its levels "
+                         "are 2x apart): model.output_stride must be 32 with "
+                         f"fpn_channels > 0, got {self.output_stride}.")
       # Only the level that is used gets an output conv: the others would
       # be parameters that see weight decay and no gradient.
       levels = ((self.feature_stage,) if self.feature_stage in fpn_lib.LEVELS
@@ -137,6 +143,7 @@ def from_config(config) -> ObjectNetwork:
       feature_stage=m.feature_stage, fpn_channels=m.fpn_channels,
       zero_init_residual=m.zero_init_residual,
       dtype=jnp.dtype(m.dtype), remat=m.get("remat", "none"),
+      output_stride=m.get("output_stride", 32),
       **transformer_fields(config))
 
 

@@ -18,6 +18,14 @@ inside the model) -> dict of feature maps
 with w the width multiplier and e the block expansion (1 basic, 4 bottleneck);
 sizes round up (torchvision arithmetic), e.g. 80 px -> stage4 3x3.
 
+Output stride: `output_stride` 16 (or 8) keeps stage4 (and stage3) at the
+resolution of stage3 (stage2), DeepLab-style: the stage's strided conv runs
+at stride 1 and every 3x3 conv after it in the stage is dilated x2 (x4).
+The parameters are the same as at stride 32, and the dilated maps sampled
+at every 2nd (4th) cell equal the stride-32 maps exactly (at inference; in
+training BatchNorm sees more cells). Small-image demos use 16 so that
+96-px views give stage4 6x6 (the paper's 224 px give 7x7), not 3x3.
+
 Precision: `dtype` is the compute dtype of convolutions and activations;
 parameters are always created in float32 (param_dtype), BatchNorm computes
 its batch statistics and keeps its running statistics in float32 (flax's
@@ -42,6 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 REMAT_MODES = ("none", "blocks", "stages")
+OUTPUT_STRIDES = (8, 16, 32)
 
 # depth -> (block kind, blocks per stage)
 STAGE_SIZES = {
@@ -56,30 +65,40 @@ STAGE_SIZES = {
 ModuleDef = Any
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, dtype=jnp.float32,
-         name: str | None = None) -> nn.Conv:
-  """A bias-free conv with torchvision's symmetric padding of kernel // 2."""
-  pad = kernel // 2
+def conv(features: int, kernel: int, stride: int = 1, *, dilation: int = 1,
+         dtype=jnp.float32, name: str | None = None) -> nn.Conv:
+  """A bias-free conv with torchvision's symmetric padding of
+  dilation * (kernel // 2) (the output keeps the input's size at stride 1)."""
+  pad = dilation * (kernel // 2)
   return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation), use_bias=False,
                  dtype=dtype, kernel_init=nn.initializers.variance_scaling(
                      2.0, "fan_out", "normal"), name=name)
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet-18/34). Output channels = features."""
+  """Two 3x3 convs (ResNet-18/34). Output channels = features.
+
+  dilation: of the first 3x3 conv (the strided one); dilation_after: of the
+  convs after it (they differ in the first block of a dilated stage).
+  """
   features: int
   stride: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  dilation: int = 1
+  dilation_after: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = conv(self.features, 3, self.stride, dtype=self.dtype)(x)
+    y = conv(self.features, 3, self.stride, dilation=self.dilation,
+             dtype=self.dtype)(x)
     y = nn.relu(self.norm()(y))
-    y = conv(self.features, 3, dtype=self.dtype)(y)
+    y = conv(self.features, 3, dilation=self.dilation_after,
+             dtype=self.dtype)(y)
     y = self.norm(name="bn_last")(y)
     if residual.shape != y.shape:
       residual = conv(self.features, 1, self.stride, dtype=self.dtype,
@@ -89,18 +108,25 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 bottleneck. Output channels = 4·features."""
+  """1x1 -> 3x3 (strided) -> 1x1 bottleneck. Output channels = 4·features.
+
+  dilation: of the 3x3 conv (dilation_after is unused: only 1x1 convs
+  follow it).
+  """
   features: int
   stride: int
   norm: ModuleDef
   dtype: Any = jnp.float32
+  dilation: int = 1
+  dilation_after: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     residual = x
     y = nn.relu(self.norm()(conv(self.features, 1, dtype=self.dtype)(x)))
-    y = conv(self.features, 3, self.stride, dtype=self.dtype)(y)
+    y = conv(self.features, 3, self.stride, dilation=self.dilation,
+             dtype=self.dtype)(y)
     y = nn.relu(self.norm()(y))
     y = conv(self.features * 4, 1, dtype=self.dtype)(y)
     y = self.norm(name="bn_last")(y)
@@ -132,6 +158,8 @@ class ResNet(nn.Module):
       whole stage at once, so that stage's activations are live together;
       for deep stages, e.g. ResNet-200's 36-block stage3, 'blocks' peaks
       lower). Both cost one extra forward pass of the backbone.
+    output_stride: 32 (standard), 16 (stage4 dilated) or 8 (stages 3-4
+      dilated); see the module docstring.
   """
   depth: int = 50
   width: float = 1.0
@@ -140,12 +168,16 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"
+  output_stride: int = 32
 
   @nn.compact
   def __call__(self, images, train: bool = True) -> dict[str, jnp.ndarray]:
     if self.depth not in STAGE_SIZES:
       raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}, "
                        f"got {self.depth}.")
+    if self.output_stride not in OUTPUT_STRIDES:
+      raise ValueError(f"ResNet output_stride must be one of {OUTPUT_STRIDES}"
+                       f", got {self.output_stride!r}.")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"ResNet remat must be one of {REMAT_MODES}, got "
                        f"{self.remat!r}.")
@@ -185,10 +217,13 @@ class ResNet(nn.Module):
     def stage(module, x, i: int, num_blocks: int):
       # `module` is self, or under nn.remat its clone bound to the lifted
       # scope: the blocks must be its children to be inside the transform.
+      before, after = stage_dilations(i, self.output_stride)
       for j in range(num_blocks):
-        stride = 2 if i > 0 and j == 0 else 1
-        x = block(channels(64 * 2**i), stride, block_norm, dtype=self.dtype,
-                  parent=module, name=f"stage{i + 1}_block{j + 1}")(x)
+        strided = i > 0 and j == 0 and before == after
+        x = block(channels(64 * 2**i), 2 if strided else 1, block_norm,
+                  dtype=self.dtype, dilation=before if j == 0 else after,
+                  dilation_after=after, parent=module,
+                  name=f"stage{i + 1}_block{j + 1}")(x)
       return x
 
     if self.remat == "stages":
@@ -210,13 +245,29 @@ def conv_out_size(size: int, kernel: int, stride: int, pad: int) -> int:
   return (size + 2 * pad - kernel) // stride + 1
 
 
-def stage_grid(image_size: int, stage: str = "stage4") -> int:
+def stage_dilations(i: int, output_stride: int = 32) -> tuple[int, int]:
+  """(dilation of stage i's first 3x3 conv, of its later 3x3 convs), i = 0..3.
+
+  At output stride 32 every stage is (1, 1) and stages 1-3 stride by 2. A
+  dilated stage (i >= 1 and 4 * 2**i > output_stride) does not stride: its
+  first conv keeps the previous stage's dilation and the rest double it
+  (torchvision's replace_stride_with_dilation, extended to basic blocks).
+  """
+  def dilation(stage: int) -> int:   # accumulated by stages 1..stage
+    return max(1, 4 * 2**stage // output_stride)
+  return (dilation(i - 1) if i > 0 else 1), dilation(i)
+
+
+def stage_grid(image_size: int, stage: str = "stage4",
+               output_stride: int = 32) -> int:
   """Side of the feature map of `stage` for a square input, torchvision rules."""
   s = conv_out_size(image_size, 7, 2, 3)     # stem conv
   s = conv_out_size(s, 3, 2, 1)              # max-pool -> 'stem' and 'stage1'
   order = ("stem", "stage1", "stage2", "stage3", "stage4")
-  for _ in range(max(0, order.index(stage) - 1)):  # stages 2-4 halve it
-    s = conv_out_size(s, 3, 2, 1)
+  for i in range(1, order.index(stage)):     # stages 2-4 halve it unless
+    before, after = stage_dilations(i, output_stride)   # dilated
+    if before == after:
+      s = conv_out_size(s, 3, 2, 1)
   return s
 
 
