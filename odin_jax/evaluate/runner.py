@@ -90,12 +90,16 @@ COCO's ~480-px crops x2.1; x2 is inside the scale range of the demo's
 training views, crops of 8-100% of a scene resized to 96 px: x0.75-x2.7).
 There stage4 gives 8x8 cells of 16 px of the ground truth (a demo object,
 30-65 px, spans 2-4; K > 64 is dropped) and an FPN's p2 64x64. Measured on
-the 32 held-out scenes (ABO^i, random init -> DetCon-B demo, 200 steps):
-stage4 at 256 px 0.319 -> 0.296, at 512 px (16x16) 0.280 -> 0.267, at
-1024 px (32x32) 0.319 -> 0.258; stage3 at 256 px 0.265 -> 0.270. No size
-made the demo-trained plain ResNet beat its random init, and 512 / 1024 px
-cost 4x / 16x on CPU (an FPN's 128x128 / 256x256 k-means most), so the
-demo keeps 256. On an 8x8 grid no cluster can match a demo object at IoU >
+the 32 held-out scenes (ABO^i, random init -> DetCon-B demo, 200 steps,
+seed 0): stage4 at 256 px 0.319 -> 0.296, at 512 px (16x16) 0.280 ->
+0.267, at 1024 px (32x32) 0.319 -> 0.258; stage3 at 256 px 0.265 -> 0.270.
+No size made the demo-trained plain ResNet beat its random init, and 512 /
+1024 px cost 4x / 16x on CPU (an FPN's 128x128 / 256x256 k-means most), so
+the demo keeps 256. Single runs say little: the stage3 gain of the same
+200-step recipe is +0.4 / +8.7 / +3.6 ABO points for seeds 0 / 1 / 2
+(`bench/discovery_gain.py`); 1000 steps (seed 0) give -2.4, 160-px views
++4.5, pooling stage3 instead of stage4 +12.3 (seed 0) and +2.2 (seed 1),
+model.output_stride=16 (stage4 6x6 at 96 px) -3.0 on stage4. On an 8x8 grid no cluster can match a demo object at IoU >
 0.5 (OR^i 1-2 %, instance recall 5 %, for trained and random networks
 alike), so the demo preset sets eval.resnet_feature='stage3' (stride 16:
 16x16 cells of 8 px, 4-8 across an object, the regime App. A.4's 32x32
