@@ -56,19 +56,24 @@ DAVIS_FRAMES = 5
 CLIPS = {"still-shapes": (11, 2, 0.0), "moving-shapes": (12, 3, 10.0)}
 
 
-def _code_path_here(cls):
-  del cls
+class _LocalFiles:
+  """Mixin for a real registered builder that reads raw files from raw_dir
+  instead of downloading them."""
+  raw_dir = None
+
   # TFDS 4.9.10 looks up a builder's code through `importlib_resources`
   # for dotted modules (tests.test_tfds_eval), which is not installed here
   # (see tests/test_tfds_source.py); this file holds no checksums.
-  return epath.Path(__file__)
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return epath.Path(__file__)
 
 
-class _OfflineCoco(tfds.builder_cls("coco"), skip_registration=True):
-  """The real `coco` builder reading local files instead of downloading."""
+class _OfflineCoco(_LocalFiles, tfds.builder_cls("coco"),
+                   skip_registration=True):
+  """The real `coco` builder reading local files."""
   name = "coco"
-  code_path = tfds.core.utils.classproperty(classmethod(_code_path_here))
-  raw_dir = None
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -80,11 +85,10 @@ class _OfflineCoco(tfds.builder_cls("coco"), skip_registration=True):
                         panoptic_dir=root / "panoptic_val2017"))]
 
 
-class _OfflineDavis(tfds.builder_cls("davis"), skip_registration=True):
-  """The real `davis` builder reading local files instead of downloading."""
+class _OfflineDavis(_LocalFiles, tfds.builder_cls("davis"),
+                    skip_registration=True):
+  """The real `davis` builder reading local files."""
   name = "davis"
-  code_path = tfds.core.utils.classproperty(classmethod(_code_path_here))
-  raw_dir = None
 
   def _split_generators(self, dl_manager):
     del dl_manager
