@@ -98,8 +98,11 @@ No size made the demo-trained plain ResNet beat its random init, and 512 /
 the demo keeps 256. Single runs say little: the stage3 gain of the same
 200-step recipe is +0.4 / +8.7 / +3.6 ABO points for seeds 0 / 1 / 2
 (`bench/discovery_gain.py`); 1000 steps (seed 0) give -2.4, 160-px views
-+4.5, pooling stage3 instead of stage4 +12.3 (seed 0) and +2.2 (seed 1),
-model.output_stride=16 (stage4 6x6 at 96 px) -3.0 on stage4. On an 8x8 grid no cluster can match a demo object at IoU >
++4.5, 224-px views (stage4 7x7, the paper's map) +5.6 (EMA target +7.6),
+pooling stage3 instead of stage4 +12.3 (seed 0) and +2.2 (seed 1),
+model.output_stride=16 (stage4 6x6 at 96 px) -3.0 on stage4. The EMA
+target network ξ (--params=target_params) gains more: +7.1 on average over
+seeds 0-2 here, and +16.7 for DetCon-B with the FPN (README). On an 8x8 grid no cluster can match a demo object at IoU >
 0.5 (OR^i 1-2 %, instance recall 5 %, for trained and random networks
 alike), so the demo preset sets eval.resnet_feature='stage3' (stride 16:
 16x16 cells of 8 px, 4-8 across an object, the regime App. A.4's 32x32
