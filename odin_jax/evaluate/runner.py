@@ -102,8 +102,9 @@ the demo keeps 256. Single runs say little: the stage3 gain of the same
 pooling stage3 instead of stage4 +12.3 (seed 0) and +2.2 (seed 1),
 model.output_stride=16 (stage4 6x6 at 96 px) -3.0 on stage4. The EMA
 target network ξ (--params=target_params) gains more: +7.1 on average over
-seeds 0-2 here, and +16.7 for DetCon-B with the FPN (README). On an 8x8 grid no cluster can match a demo object at IoU >
-0.5 (OR^i 1-2 %, instance recall 5 %, for trained and random networks
+seeds 0-2 here, and +16.7 for DetCon-B with the FPN (README). On an 8x8
+grid no cluster can match a demo object at IoU > 0.5 (OR^i 1-2 %,
+instance recall 5 %, for trained and random networks
 alike), so the demo preset sets eval.resnet_feature='stage3' (stride 16:
 16x16 cells of 8 px, 4-8 across an object, the regime App. A.4's 32x32
 grid is in on COCO); the paper presets keep 'stage4'. Other grids:

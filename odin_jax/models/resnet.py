@@ -23,8 +23,9 @@ resolution of stage3 (stage2), DeepLab-style: the stage's strided conv runs
 at stride 1 and every 3x3 conv after it in the stage is dilated x2 (x4).
 The parameters are the same as at stride 32, and the dilated maps sampled
 at every 2nd (4th) cell equal the stride-32 maps exactly (at inference; in
-training BatchNorm sees more cells). Small-image demos use 16 so that
-96-px views give stage4 6x6 (the paper's 224 px give 7x7), not 3x3.
+training BatchNorm sees more cells). It is for small images, where the
+stride-32 map is tiny: 96-px views give stage4 3x3 at 32 and 6x6 at 16
+(the paper's 224 px give 7x7). No preset uses it.
 
 Precision: `dtype` is the compute dtype of convolutions and activations;
 parameters are always created in float32 (param_dtype), BatchNorm computes
