@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -30,6 +31,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
                        devices=devices)
+
+
+def strided_split(x: jax.Array, parts: int) -> jax.Array:
+  """[B, ...] -> [parts, B / parts, ...]; part t holds rows t, t + parts, ...
+
+  With the batch sharded in contiguous blocks over 'data' and B / parts a
+  multiple of the devices, every part is spread evenly over all devices, so
+  looping over the parts (micro-batches, k-means chunks) needs no
+  communication.
+  """
+  x = x.reshape(x.shape[0] // parts, parts, *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def strided_merge(x: jax.Array) -> jax.Array:
+  """The inverse of `strided_split`: [parts, B / parts, ...] -> [B, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from odin_jax import hiergroup, losses, objects
+from odin_jax import hiergroup, losses, objects, sharding
 from odin_jax.discovery import kmeans as kmeans_lib
 from odin_jax.discovery import mapping
 from odin_jax.models import fpn as fpn_lib
@@ -333,10 +333,7 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
   """[B, ...] -> [k, B/k, ...], strided so each micro-batch spans devices."""
-  def split(x):
-    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-  return jax.tree.map(split, batch)
+  return jax.tree.map(lambda x: sharding.strided_split(x, k), batch)
 
 
 def make_train_step(config, model, tx, lr_schedule, ema_schedule,

@@ -66,6 +66,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from odin_jax import sharding
+
 _INITS = ("kmeans++", "random")
 
 
@@ -336,8 +338,8 @@ def _cpu_chunks(batch: int, image_bytes: int, devices: int = 1) -> int:
 
   The fewest chunks of <= _CPU_CHUNK_BYTES that divide `batch`, but never
   fewer than 2 images a chunk (one image leaves a core idle; a batch with no
-  such divisor is not split). When `batch`
-  is a multiple of `devices`, so is every chunk's image count: a batch
+  such divisor is not split). When `batch` is a multiple of `devices`, so
+  is every chunk's image count: a batch
   sharded in contiguous blocks then keeps each chunk spread evenly over the
   devices (`_in_chunks`), and the partitioner adds no communication.
   """
@@ -359,15 +361,9 @@ def _in_chunks(fn, chunks: int, *args):
   multiple of their number, each chunk is spread evenly over all of them and
   the loop runs over a local axis (no communication).
   """
-  def split(a):   # [B, ...] -> [chunks, B / chunks, ...]
-    a = a.reshape(a.shape[0] // chunks, chunks, *a.shape[1:])
-    return jnp.swapaxes(a, 0, 1)
-
-  def merge(a):   # inverse of split
-    return jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
-
-  out = jax.lax.map(lambda a: fn(*a), tuple(split(a) for a in args))
-  return jax.tree.map(merge, out)
+  out = jax.lax.map(lambda a: fn(*a),
+                    tuple(sharding.strided_split(a, chunks) for a in args))
+  return jax.tree.map(sharding.strided_merge, out)
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

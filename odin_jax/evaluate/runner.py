@@ -450,11 +450,9 @@ def default_feature(config, resnet_feature: str | None = None) -> str:
     return "embedding"
   if config.model.get("fpn_channels", 0):
     return "projection"
-  if resnet_feature is not None:
-    return resnet_feature
-  section = config.get("eval") if hasattr(config, "get") else None
-  return (section.get("resnet_feature", "stage4") if section is not None
-          else "stage4")
+  if resnet_feature is None:
+    resnet_feature = settings_from_config(config).resnet_feature
+  return resnet_feature
 
 
 _FEATURE_FNS: dict = {}
@@ -1013,11 +1011,10 @@ def _tfds_examples(name: str, split: str, data_dir, count: int):
   import tensorflow_datasets as tfds
   from odin_jax.data import pipeline
   pipeline.hide_accelerators_from_tf()
-  available = tfds.builder(name, data_dir=data_dir).info.splits[split]
-  count = min(int(count), available.num_examples)
-  ds = tfds.load(name, split=f"{split}[:{count}]", data_dir=data_dir,
-                 download=False, shuffle_files=False)
-  return tfds.as_numpy(ds)
+  builder = tfds.builder(name, data_dir=data_dir)
+  count = min(int(count), builder.info.splits[split].num_examples)
+  return tfds.as_numpy(builder.as_dataset(split=f"{split}[:{count}]",
+                                          shuffle_files=False))
 
 
 def _center_square(array, size: int, order: int):
