@@ -8,7 +8,9 @@
    process sees and that they form one global mesh;
 2. hides accelerators from TensorFlow, quiets library logs, logs where
    this process stands (`describe_processes`) and turns on the persistent
-   XLA compilation cache (except for several CPU processes, see `setup`).
+   XLA compilation cache (except for several CPU processes, see `setup`);
+3. with several processes, starts `failure.watch_peers`: another process's
+   failure then ends this one at once (odin_jax/failure.py).
 
 Multi-process environments, in the order they are looked for:
 
@@ -48,6 +50,8 @@ from typing import Mapping
 
 import jax
 from absl import logging
+
+from odin_jax import failure
 
 ENV_SWITCH = "ODIN_JAX_DISTRIBUTED"
 ENV_COORDINATOR = "ODIN_JAX_COORDINATOR"
@@ -265,6 +269,8 @@ def setup(cache_dir: str | None = None, distributed: bool = True) -> None:
   _quiet_library_logs()
   if distributed:
     describe_processes()
+  if multi_process:
+    failure.watch_peers()   # another process's failure ends this one too
   if multi_process and jax.default_backend() == "cpu":
     # On CPU the cache key includes each process's own topology and only
     # process 0 writes entries, so process 0 loads a program from the cache

@@ -60,7 +60,8 @@ _SOURCE = functools.lru_cache(maxsize=None)(_source)
 def test_batch_contract_shapes_and_dtypes():
   batches = _stream(3, global_batch_size=8, process_index=1, process_count=2)
   b = batches[0]
-  assert set(b) == {"view1", "view2", "mask1", "mask2", "index", "example_id"}
+  assert set(b) == {"view1", "view2", "mask1", "mask2", "index", "example_id",
+                    "skipped", "bad_id"}
   for k in ("view1", "view2"):
     assert b[k].shape == (4, SIZE, SIZE, 3) and b[k].dtype == np.float32
     assert b[k].min() >= 0.0 and b[k].max() <= 1.0

@@ -38,11 +38,46 @@ staged to local disk); the order inside a host is still random access. Host
 epochs have N_h examples, so with shards of different sizes hosts' epochs
 do not line up, and one global "epoch" is not exactly one pass over the data.
 
+Bad examples. An example whose image or mask fails to load (a truncated
+JPEG, a corrupt record, a mask PNG that does not decode, a failing
+on-the-fly segmentation) is skipped, never fatal: position p then uses the
+first of its substitutes that loads,
+
+  substitute k = 1..MAX_SUBSTITUTES of p: a stateless uniform draw over the
+                 N examples (host h's N_h in 'shards') from (seed, p, k)
+
+so the substitute is a pure function of the position: resume and 1 vs N
+hosts see the same batches. The augmentation stays that of p. The batch
+says which positions were skipped ('skipped', 'bad_id');
+`skips.SkippedExamples` counts them on the host, logs each bad example's name
+once and stops the run when more than dataset.max_bad_fraction of the
+examples read fail.
+
+Why catch failures in the pipeline rather than decode every file while
+scanning a folder: at 1.28 M images a full decode scan costs about
+1.28 M x the decode time (several ms for an ImageNet JPEG) = one or more
+CPU-hours before the first step, repeated whenever the folder changes; it
+misses records, TFDS and mask PNGs; and it still cannot see a file that goes
+bad later. Catching in the pipeline costs nothing for good examples (each
+is decoded once, as before) and a few extra decodes per bad one.
+FolderSource keeps its cheap header check (PIL verify), which rejects
+non-images at start-up.
+
 Each element of the dataset is a per-host batch (B = G / P):
   'view1', 'view2': float32 [B, S, S, 3] in [0, 1]
   'mask1', 'mask2': int32   [B, S, S]   source segment ids through each view
   'index':          int64   [B]         global position p
-  'example_id':     int64   [B]         source example id (global)
+  'example_id':     int64   [B]         source example id (global) of the
+                                        example used (a substitute's id where
+                                        the position's own example was bad)
+  'skipped':        int32   [B]         examples tried that failed to load
+                                        before one loaded (0: p's own example
+                                        was fine; MAX_SUBSTITUTES + 1: none
+                                        of the tries loaded, a blank image
+                                        stands in)
+  'bad_id':         int64   [B]         p's own example id where it failed to
+                                        load, else -1 (host side: named in the
+                                        log, counted: data/skips.py)
 with masks.method 'hierarchy' also (data/hierarchy.py; L = max_leaves):
   'hierarchy':      float32 [B, L, L]   tree distances between leaf ids
 with config.odin.enabled also (spanning.two_views_with_span; span side
@@ -69,7 +104,12 @@ from odin_jax.data import spanning
 _SHUFFLE_SALT = 0x5348_5546   # 'SHUF'
 _AUGMENT_SALT = 0x4155_4731   # 'AUG1'
 _HOST_SHUFFLE_SALT = 0x4853_4846   # 'HSHF': per-host streams ('shards')
+_SUBSTITUTE_SALT = 0x5355_4253   # 'SUBS': substitutes of bad examples
 HOST_SPLITS = ("examples", "shards")
+# Substitutes tried for a position whose example fails to load. With a bad
+# fraction f, all of them fail with probability f**(MAX_SUBSTITUTES + 1):
+# about 4e-12 at f = 5 %, so a blank stand-in means the data is mostly bad.
+MAX_SUBSTITUTES = 8
 
 
 def hide_accelerators_from_tf() -> None:
@@ -115,6 +155,66 @@ def augment_seed_at(position, seed: int):
   return tf.random.experimental.stateless_fold_in(
       tf.constant([seed, _AUGMENT_SALT], tf.int64), tf.cast(position,
                                                             tf.int64))
+
+
+def substitute_at(position, k, num_examples: int, seed: int, host=None):
+  """int64 [] id in [0, num_examples) standing in, on try k >= 1, for the
+  example at position p when that one fails to load.
+
+  A stateless draw from (seed, p, k) [and host h in 'shards' mode, where p
+  is h's local position and the id a local one]: the same position always
+  gets the same substitutes, on any number of hosts and after a resume. A
+  uniform draw (not p + k) keeps it from repeating a neighbour in the batch.
+  """
+  base = tf.constant([seed, _SUBSTITUTE_SALT], tf.int64)
+  if host is not None:
+    base = tf.random.experimental.stateless_fold_in(base, int(host))
+  key = tf.random.experimental.stateless_fold_in(
+      tf.random.experimental.stateless_fold_in(base, tf.cast(position,
+                                                             tf.int64)),
+      tf.cast(k, tf.int64))
+  return tf.random.stateless_uniform([], key, minval=0, maxval=num_examples,
+                                     dtype=tf.int64)
+
+
+def guarded_lookup(source, tries, id_of, blank_size: int) -> tf.data.Dataset:
+  """One-element dataset: the first of `tries` whose example loads.
+
+  Args:
+    source: a sources.Source.
+    tries: int32 [T] try numbers 0..T-1, in order.
+    id_of: try k (int32 []) -> example id (int64 []).
+    blank_size: side of the blank stand-in when no try loads.
+  Returns:
+    a dataset of exactly one dict: the source's 'image', 'segments' (and
+    'hierarchy') plus 'example_id' int64 [] (the id used) and 'skipped' int32
+    [] (tries that failed before it; T when none loaded: then a black
+    blank_size^2 image with one segment stands in, so the stream never
+    shifts and the host can count it).
+
+  TensorFlow graphs cannot catch an error, so the tries are a dataset whose
+  failing elements ignore_errors() drops; take(1) stops at the first that
+  loads, so a good example is decoded once, as without the guard. Used per
+  position, not on the whole stream (where a dropped element would shift
+  every later position and nothing would count it).
+  """
+  def load(k):
+    example_id = id_of(k)
+    example = source.lookup(example_id)
+    out = {"image": example["image"], "segments": example["segments"],
+           "example_id": tf.cast(example_id, tf.int64), "skipped": k}
+    if "hierarchy" in example:
+      out["hierarchy"] = example["hierarchy"]
+    return out
+
+  found = tf.data.Dataset.from_tensor_slices(tries).map(load)
+  found = found.ignore_errors().take(1)
+  spec = found.element_spec
+  blank = {key: tf.zeros([blank_size if d is None else d for d in s.shape],
+                         s.dtype) for key, s in spec.items()}
+  blank["example_id"] = tf.cast(id_of(tries[0]), tf.int64)
+  blank["skipped"] = tf.size(tries, out_type=tf.int32)
+  return found.concatenate(tf.data.Dataset.from_tensors(blank)).take(1)
 
 
 def _resolve_processes(process_index, process_count):
@@ -251,22 +351,41 @@ def make_train_dataset(config, source, *, global_batch_size: int,
     return local_to_global_id(
         example_id_at(counter, shards.num_examples, seed, host=h), shards)
 
-  def load(counter):
+  def candidate_id(counter, p, k):
+    """Example id of try k of position p: its own (k = 0) or a substitute."""
+    if shards is None:
+      other = substitute_at(p, k, n, seed)
+    else:   # from the host's own shards, keyed by its own stream
+      other = local_to_global_id(
+          substitute_at(counter, k, shards.num_examples, seed, host=h), shards)
+    return tf.where(k == 0, example_id_of(counter, p), other)
+
+  def load(counter):   # -> the first example of p's tries that loads
     p = position(counter)
-    example_id = example_id_of(counter, p)
-    example = source.lookup(example_id)
+    tries = tf.range(MAX_SUBSTITUTES + 1, dtype=tf.int32)
+    return guarded_lookup(
+        source, tries, lambda k: candidate_id(counter, p, k),
+        blank_size=int(config.image_size)).map(
+            lambda ex: dict(ex, index=p, bad_id=tf.where(
+                ex["skipped"] > 0, example_id_of(counter, p),
+                tf.constant(-1, tf.int64))))
+
+  def views(example):
     out = make_views(example["image"], example["segments"],
-                     augment_seed_at(p, seed), config)
+                     augment_seed_at(example["index"], seed), config)
     if "hierarchy" in example:   # region-tree distances: not view-dependent
       out["hierarchy"] = example["hierarchy"]
-    out["index"] = p
-    out["example_id"] = example_id
+    for key in ("index", "example_id", "skipped", "bad_id"):
+      out[key] = example[key]
     return out
 
   dataset_config = config.get("dataset", {})
   parallel = _autotune(dataset_config.get("num_parallel_calls", -1))
   ds = tf.data.Dataset.counter(start=int(start_step) * local, dtype=tf.int64)
-  ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
+  # One tiny dataset per position (its tries); in order, so deterministic.
+  ds = ds.interleave(load, cycle_length=parallel, block_length=1,
+                     num_parallel_calls=parallel, deterministic=True)
+  ds = ds.map(views, num_parallel_calls=parallel, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
   ds = ds.prefetch(_autotune(dataset_config.get("prefetch_batches", -1)))
   options = tf.data.Options()
@@ -294,3 +413,4 @@ def _autotune(value) -> int:
 def numpy_batches(dataset: tf.data.Dataset):
   """Iterator of numpy dicts (same keys, shapes and dtypes) over dataset."""
   return dataset.as_numpy_iterator()
+

@@ -255,7 +255,9 @@ class RecordSource:
   settings. With several mask
   settings, each example uses one of them chosen by a stateless draw from
   (seed, example_id): fixed per example and seed (DetCon's random FH scale on
-  COCO), identical on every host and after a restart.
+  COCO), identical on every host and after a restart. A record whose bytes,
+  JPEG or mask PNG are damaged fails in lookup; the training pipeline skips
+  it and names it by `describe` (pipeline.py, "Bad examples").
   """
 
   def __init__(self, records_dir: str, masks, *, seed: int = 0,
@@ -375,6 +377,18 @@ class RecordSource:
   def read_serialized(self, example_id: int) -> bytes:
     """The serialized tf.train.Example of global example id (numpy side)."""
     return self._records[int(example_id)]
+
+  def describe(self, example_id: int) -> str:
+    """Record example_id's 'id' feature (its file or TFDS id), or its place
+    when the record does not parse."""
+    where = f"record {int(example_id)} in {self.records_dir}"
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      example = tf.train.Example.FromString(self.read_serialized(example_id))
+      ident = example.features.feature["id"].bytes_list.value[0]
+      return f"{ident.decode('utf-8', 'replace')} ({where})"
+    except Exception:  # pylint: disable=broad-except
+      return where
 
   def _features(self):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top

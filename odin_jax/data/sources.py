@@ -9,7 +9,10 @@ one example, in TF graph mode (it is called inside Dataset.map):
   (+ 'hierarchy': float32 [L, L] leaf distances with masks.method
   'hierarchy': the demo and precomputed records provide it)
 
-H and W may differ between examples. Sources stored in shard files also
+H and W may differ between examples. lookup may fail (raise inside the
+graph) on a damaged example; the pipeline then skips it (pipeline.py, "Bad
+examples"), and names it with `describe(example_id) -> str` where a source
+has one (a file path or record id). Sources stored in shard files also
 have `shard_sizes` (examples per shard; shard s holds the ids that follow
 those of shards < s), which dataset.host_split='shards' splits over hosts
 (pipeline.py), and `reshard_command(num_shards)`, the precompute command
@@ -165,9 +168,12 @@ def _is_valid_image(path: str) -> str | None:
 class FolderSource:
   """All images under a folder, in sorted path order; segments on the fly.
 
-  A validation pass at construction (PIL open + verify, threaded) drops and
-  reports files that cannot be read. Grayscale / RGBA / palette files are
-  decoded to 3 channels; animated GIFs give their first frame.
+  A validation pass at construction (PIL open + verify, threaded: reads
+  headers, not pixels) drops and reports files that are not images. A file
+  whose header is fine but whose data is damaged (a truncated JPEG) fails in
+  lookup; the pipeline skips it then (pipeline.py). Grayscale / RGBA /
+  palette files are decoded to 3 channels; animated GIFs give their first
+  frame.
   """
 
   def __init__(self, folder: str, mask_config, validate: bool = True,
@@ -191,10 +197,15 @@ class FolderSource:
                          f"read ({len(self.bad_files)} bad).")
     self.paths = paths
     self.num_examples = len(paths)
+    self.precompute_spec = f"folder:{folder}"   # precompute's --source
     self._segments = _segments_fn(mask_config)
     with tf.device("/cpu:0"):
       self._paths = tf.constant(paths)
     logging.info("FolderSource: %d images under %s.", len(paths), folder)
+
+  def describe(self, example_id: int) -> str:
+    """The file of example_id."""
+    return self.paths[int(example_id)]
 
   def lookup(self, example_id):
     data = tf.io.read_file(tf.gather(self._paths, example_id))
@@ -278,6 +289,7 @@ class TfdsSource:
     if self.num_examples == 0:
       raise RuntimeError(f"TFDS {name}[{split}] is empty.")
     self.name, self.split, self.data_dir = name, split, data_dir
+    self.precompute_spec = f"tfds:{name}:{split}"   # precompute's --source
     self._mask_config = mask_config
     self._keys = tfds_keys(builder.info.features, image_key)
     # One file instruction per ArrayRecord file (part) of the split, in the
@@ -300,6 +312,11 @@ class TfdsSource:
         [records.mask_setting_string(self._mask_config)],
         num_shards=num_shards, tfds_data_dir=self.data_dir) + (
             "\nthen set --config.dataset.records_dir=/path/to/records")
+
+  def describe(self, example_id: int) -> str:
+    """TFDS example example_id (its id feature needs a decode that may
+    fail, so the index names it)."""
+    return f"{self.name}[{self.split}] example {int(example_id)}"
 
   def _load(self, example_id):
     i = int(example_id)

@@ -11,11 +11,12 @@ picture does not flicker between evaluations).
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import numpy as np
 
+from odin_jax import checkpoint
 from odin_jax.evaluate import discovery
 
 # Colour of negative (unlabelled) labels and of ignore_label pixels.
@@ -149,9 +150,13 @@ def save_png(path: str, array) -> None:
   if array.dtype != np.uint8:
     array = np.round(np.clip(array.astype(np.float64), 0.0, 1.0) * 255)
     array = array.astype(np.uint8)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  Image.fromarray(array).save(path, format="PNG")
+  # Through epath (checkpoint.as_path): a gs:// workdir's eval/ is written
+  # where its checkpoints are, not under a local ./gs:/ folder.
+  path = checkpoint.as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())
 
 
 def overlay(image, labels, alpha: float = 0.55) -> np.ndarray:
@@ -188,3 +193,28 @@ def training_masks_panel(span, span_segments, view1, mask1, view2,
   views = np.moveaxis(discovery.resize_nearest(
       np.moveaxis(views, -1, 0), (p, width)), 0, -1)
   return np.concatenate([span, segments, views], axis=1)
+
+
+def sampled_masks_panel(view1, mask1, ids1, view2, mask2, ids2
+                        ) -> np.ndarray:
+  """What a data-mask method (DetCon, BYOL, SimCLR) trains on, one image.
+
+  Args:
+    view1, view2: [S, S, 3] augmented views (uint8, or float in [0, 1]).
+    mask1, mask2: int [S, S] (or any grid) the views' segment ids.
+    ids1, ids2: int [M] the ids the step sampled in each view (repeats
+      allowed; negative = padding, ignored).
+  Returns:
+    uint8 [2S, 3S, 3]: per view, a row view | its masks | only the sampled
+    masks in colour over a darkened view. Colours are the ids' palette
+    colours, so an id has one colour in both columns.
+  """
+  rows = []
+  for view, mask, ids in ((view1, mask1, ids1), (view2, mask2, ids2)):
+    view = to_uint8_image(view)
+    mask = discovery.resize_nearest(np.asarray(mask), view.shape[:2])
+    sampled = np.isin(mask, np.asarray(ids)[np.asarray(ids) >= 0])
+    dark = np.round(view * 0.25).astype(np.uint8)
+    chosen = np.where(sampled[..., None], overlay(view, mask), dark)
+    rows.append(np.concatenate([view, overlay(view, mask), chosen], axis=1))
+  return np.concatenate(rows, axis=0)

@@ -57,9 +57,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "configs/detcon_b.py:demo (default: the config saved in the "
     "checkpoint).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
-                               "The training run's workdir (checkpoints/).")
+                               "The training run's workdir (checkpoints/); "
+                               "a local path or a URL (gs://...).")
 _STEP = flags.DEFINE_integer("step", None,
-                             "Checkpoint step (default: the latest).")
+                             "Checkpoint step (default: the newest readable "
+                             "one).")
 _FORMAT = flags.DEFINE_list(
     "format", None, "Comma list of npz, torchvision, detectron2 (timm for "
     "ViT/Swin backbones); default: all that apply.")

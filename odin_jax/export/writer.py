@@ -1,12 +1,16 @@
 """`export(workdir, ...)`: a checkpoint's online backbone -> files.
 
-Restores the checkpoint with the evaluation runner's loader
-(`runner.restore_checkpoint` for the saved config, `runner.load_params` for
-the checked parameters), keeps params['backbone'] / batch_stats['backbone']
-and writes the requested formats (see odin_jax/export/__main__.py for the
-files), then export_info.json and a README.md that says how to load them.
-Every file is written to a temporary name and renamed, so an interrupted
-export never leaves a truncated file under a final name.
+Restores the checkpoint as evaluation does (`checkpoint.read` for the
+saved config, `runner.load_params` for the checked parameters), keeps
+params['backbone'] / batch_stats['backbone'] and writes the requested
+formats (see odin_jax/export/__main__.py for the files), then
+export_info.json and a README.md that says how to load them.
+Every file is written to a temporary name and renamed (on GCS, uploaded
+as one object, which appears whole or not at all), so an interrupted
+export never leaves a truncated file under a final name. The workdir and
+the output folder may be URLs (gs://...): checkpoints are read by
+`odin_jax.checkpoint.read` and files written through etils.epath, as
+training does.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
+import tempfile
 import zipfile
 
 import numpy as np
 from absl import logging
+from etils import epath
 
+from odin_jax import checkpoint
 from odin_jax.export import convert
 
 FORMATS = ("npz", "torchvision", "detectron2", "timm")
@@ -93,9 +101,10 @@ def export(workdir: str, *, config=None, step: int | None = None,
   """Writes the online backbone of a checkpoint (see the module docstring).
 
   Args:
-    workdir: the training workdir (checkpoints in workdir/checkpoints).
+    workdir: the training workdir (checkpoints in workdir/checkpoints); a
+      local path or a URL (gs://...).
     config: the run's config; None = the one saved in the checkpoint.
-    step: checkpoint step; None = latest.
+    step: checkpoint step; None = the newest readable one.
     formats: subset of FORMATS (sequence or comma string); None = all that
       apply (detectron2 only for the depths it has).
     out_dir: output folder; None = workdir/export/step_<step>.
@@ -109,7 +118,9 @@ def export(workdir: str, *, config=None, step: int | None = None,
   from odin_jax.evaluate import runner
   from odin_jax.models import heads
   if config is None:
-    _, meta, step = runner.restore_checkpoint(workdir, step, with_state=False)
+    # Only the JSON record; `step` stays the caller's, so that load_params
+    # below still falls back past a newest step whose arrays are unreadable.
+    _, meta, _ = checkpoint.read(workdir, step, with_state=False)
     config = config_from_meta(meta)
   backbone = config.model.get("backbone", "resnet")
   to_timm = timm_converter(backbone) if backbone != "resnet" else None
@@ -118,13 +129,13 @@ def export(workdir: str, *, config=None, step: int | None = None,
   params, batch_stats, step = runner.load_params(config, workdir, step)
   variables = {"params": params["backbone"],
                "batch_stats": batch_stats.get("backbone", {})}
-  out_dir = out_dir or os.path.join(os.path.abspath(workdir), "export",
-                                    f"step_{step}")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = (checkpoint.as_path(out_dir) if out_dir else
+             checkpoint.as_path(workdir) / "export" / f"step_{step}")
+  out_dir.mkdir(parents=True, exist_ok=True)
 
   info = {"method": config.method, "step": int(step),
-          "workdir": os.path.abspath(workdir),
-          "out_dir": os.path.abspath(out_dir), "backbone": backbone,
+          "workdir": str(checkpoint.as_path(workdir)),
+          "out_dir": str(out_dir), "backbone": backbone,
           "num_backbone_arrays": len(convert.flatten(variables)),
           "input": _input_info(), "files": {}, "warnings": []}
   if backbone == "resnet":
@@ -150,12 +161,10 @@ def export(workdir: str, *, config=None, step: int | None = None,
   logging.info("Exporting the %s backbone of step %d (%s) to %s as %s.",
                _title(info), step, config.method, out_dir, ", ".join(formats))
 
-  def record(fmt, name, keys):
-    path = os.path.join(out_dir, name)
-    size = os.path.getsize(path)
-    info["files"][name] = {"format": fmt, "keys": keys, "bytes": size,
-                           "sha256": _sha256(path)}
-    logging.info("Wrote %s (%d arrays, %.1f MB).", path, keys, size / 1e6)
+  def record(fmt, name, keys, written):
+    info["files"][name] = {"format": fmt, "keys": keys, **written}
+    logging.info("Wrote %s (%d arrays, %.1f MB).", out_dir / name, keys,
+                 written["bytes"] / 1e6)
 
   # One metadata entry only: safetensors writes several in a random order,
   # and the same checkpoint should give the same bytes (and sha256).
@@ -163,24 +172,23 @@ def export(workdir: str, *, config=None, step: int | None = None,
   tensor_metadata = {"format": "pt"}
   if "npz" in formats:
     name, = FILES["npz"]
-    _write_npz(os.path.join(out_dir, name), variables)
-    record("npz", name, info["num_backbone_arrays"])
+    record("npz", name, info["num_backbone_arrays"],
+           _write_npz(out_dir / name, variables))
   if "timm" in formats:
     name, = FILES["timm"]
     state_dict = {k: np.asarray(v) for k, v in
                   to_timm(variables["params"]).items()}
-    _write_safetensors(os.path.join(out_dir, name), state_dict,
-                       tensor_metadata)
-    record("timm", name, len(state_dict))
+    record("timm", name, len(state_dict),
+           _write_safetensors(out_dir / name, state_dict, tensor_metadata))
   if {"torchvision", "detectron2"} & set(formats):
     state_dict = convert.torchvision_state_dict(variables, depth, int(step))
   if "torchvision" in formats:
     st_name, pth_name = FILES["torchvision"]
-    _write_safetensors(os.path.join(out_dir, st_name), state_dict,
-                       tensor_metadata)
-    record("torchvision", st_name, len(state_dict))
-    if _write_pth(os.path.join(out_dir, pth_name), state_dict):
-      record("torchvision", pth_name, len(state_dict))
+    record("torchvision", st_name, len(state_dict),
+           _write_safetensors(out_dir / st_name, state_dict, tensor_metadata))
+    written = _write_pth(out_dir / pth_name, state_dict)
+    if written:
+      record("torchvision", pth_name, len(state_dict), written)
     else:
       info["warnings"].append(f"torch is not importable: {pth_name} "
                               f"skipped ({st_name} holds the same "
@@ -189,9 +197,9 @@ def export(workdir: str, *, config=None, step: int | None = None,
     info.pop("torchvision", None)
   if "detectron2" in formats:
     name, = FILES["detectron2"]
-    _write_pickle(os.path.join(out_dir, name),
-                  convert.detectron2_checkpoint(state_dict))
-    record("detectron2", name, len(state_dict))
+    record("detectron2", name, len(state_dict),
+           _write_pickle(out_dir / name,
+                         convert.detectron2_checkpoint(state_dict)))
     cfg, warnings = convert.detectron2_config(depth, info["width"])
     info["warnings"] += warnings
     info["detectron2"] = {
@@ -201,10 +209,9 @@ def export(workdir: str, *, config=None, step: int | None = None,
                 "entries (logged as unused keys)."}
   for warning in info["warnings"]:
     logging.warning("%s", warning)
-  _write_text(os.path.join(out_dir, "export_info.json"),
-              json.dumps(info, indent=1) + "\n")
-  _write_text(os.path.join(out_dir, "README.md"), _readme(info))
-  logging.info("Wrote %s.", os.path.join(out_dir, "export_info.json"))
+  _write_text(out_dir / "export_info.json", json.dumps(info, indent=1) + "\n")
+  _write_text(out_dir / "README.md", _readme(info))
+  logging.info("Wrote %s.", out_dir / "export_info.json")
   return info
 
 
@@ -290,21 +297,42 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _atomic(path: str, write) -> None:
-  """write(tmp_path), then rename: never a half-written file at `path`."""
-  tmp = path + ".tmp"
-  write(tmp)
-  os.replace(tmp, path)
+def _atomic(path: epath.Path, write) -> dict:
+  """write(local_tmp_path), then publish it at `path`; never a half-written
+  file there. Returns {'bytes', 'sha256'} of what was written.
+
+  A local `path` gets a temporary file beside it and a rename; a URL
+  (gs://...) is uploaded from a local temporary file under its final name
+  (an object store makes the object visible whole or not at all).
+  """
+  local = "://" not in str(path)
+  if local:
+    tmp = str(path) + ".tmp"
+  else:
+    handle, tmp = tempfile.mkstemp(suffix=".tmp")
+    os.close(handle)
+  try:
+    write(tmp)
+    written = {"bytes": os.path.getsize(tmp), "sha256": _sha256(tmp)}
+    if local:
+      os.replace(tmp, path)
+    else:
+      with open(tmp, "rb") as src, path.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return written
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_text(path: epath.Path, text: str) -> dict:
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
-  _atomic(path, write)
+  return _atomic(path, write)
 
 
-def _write_npz(path: str, variables: dict) -> None:
+def _write_npz(path: epath.Path, variables: dict) -> dict:
   """np.savez's layout (one NAME.npy per array, np.load reads it) with a
   fixed timestamp, so that the same checkpoint gives the same sha256."""
   def write(tmp):
@@ -314,24 +342,24 @@ def _write_npz(path: str, variables: dict) -> None:
         member = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_TIME)
         with archive.open(member, "w", force_zip64=True) as f:
           np.lib.format.write_array(f, array, allow_pickle=False)
-  _atomic(path, write)
+  return _atomic(path, write)
 
 
-def _write_safetensors(path: str, state_dict: dict, metadata: dict) -> None:
+def _write_safetensors(path: epath.Path, state_dict: dict,
+                       metadata: dict) -> dict:
   from safetensors import numpy as st_numpy
-  _atomic(path, lambda tmp: st_numpy.save_file(state_dict, tmp,
+  return _atomic(path, lambda tmp: st_numpy.save_file(state_dict, tmp,
                                                metadata=metadata))
 
 
-def _write_pth(path: str, state_dict: dict) -> bool:
-  """torch.save of the tensors; False without torch (the caller warns)."""
+def _write_pth(path: epath.Path, state_dict: dict) -> dict | None:
+  """torch.save of the tensors; None without torch (the caller warns)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    return False
+    return None
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-  _atomic(path, lambda tmp: torch.save(tensors, tmp))
-  return True
+  return _atomic(path, lambda tmp: torch.save(tensors, tmp))
 
 
 class _PortablePickler(pickle.Pickler):
@@ -351,8 +379,8 @@ class _PortablePickler(pickle.Pickler):
     return NotImplemented
 
 
-def _write_pickle(path: str, obj) -> None:
+def _write_pickle(path: epath.Path, obj) -> dict:
   def write(tmp):
     with open(tmp, "wb") as f:
       _PortablePickler(f, protocol=4).dump(obj)
-  _atomic(path, write)
+  return _atomic(path, write)
