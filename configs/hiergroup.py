@@ -39,6 +39,10 @@ def get_config(arg=None):
   c.model.predictor_hidden = 0   # no projector / predictor is built
 
   h = c.hiergroup = ml_collections.ConfigDict()
+  # 'log_likelihood': eq. 1 as -log p at T = loss.temperature (default: it
+  # gives useful gradients, docs/hiergroup.md); 'paper': eq. 1 verbatim,
+  # maximise Σ p at T = 1 (loss.temperature is then unused).
+  h.objective = "log_likelihood"
   h.sigma_p = 0.8                # σ_p of the region sampling (paper §4.2)
   h.num_regions = 7              # anchor regions per image
   h.num_positives = 10           # positive pixels per region and view

@@ -46,7 +46,10 @@ temperature (T = 1); cosines in [-1, 1] then bound the odds of a positive
 by e^2, so the objective saturates early and gives weak gradients. We use
 T = loss.temperature = 0.1, the concentration of the vMF pixel embeddings
 of SegSort (which this method extends) and the temperature of the repo's
-other contrastive losses.
+other contrastive losses. hiergroup.objective='paper' is eq. 1 verbatim
+instead: maximise Σ_i Σ_m p_im with p_im = e^{s_im} / (e^{s_im} + Σ_n
+e^{s_in}) at T = 1 (loss.temperature unused), as the loss -Σ p / (number of
+valid (anchor, positive) pairs) in [-1, 0].
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ from odin_jax import objects
 from odin_jax.models import resnet
 
 LOSS_NAME = "hiergroup"
+# hiergroup.objective: 'log_likelihood' (-log p at T = loss.temperature, the
+# default) or 'paper' (eq. 1: maximise Σ p at T = 1).
+OBJECTIVES = ("log_likelihood", "paper")
 # A finite stand-in for -inf (as in losses.py): masked logits get exactly
 # zero gradient and rows with every column masked stay NaN-free.
 _MASKED = -1e9
@@ -285,8 +291,9 @@ def _unit(x):
 
 
 def pixel_contrastive_loss(anchors, positives, negatives, anchor_valid,
-                           pos_valid, neg_valid, temperature: float = 0.1):
-  """Eq. 1 as a contrastive log-likelihood over cosine similarities.
+                           pos_valid, neg_valid, temperature: float = 0.1,
+                           objective: str = "log_likelihood"):
+  """Eq. 1 over cosine similarities, as a log-likelihood or verbatim.
 
   Args:
     anchors: float [B, V, A, D] anchor embeddings (V views of each anchor
@@ -294,26 +301,36 @@ def pixel_contrastive_loss(anchors, positives, negatives, anchor_valid,
     positives: float [B, A, P, D]; negatives: float [B, A, N, D].
     anchor_valid bool [B, V, A]; pos_valid bool [B, A, P]; neg_valid bool
       [B, A, N].
-    temperature: T in s = cos / T.
+    temperature: T in s = cos / T (pass 1.0 for eq. 1).
+    objective: 'log_likelihood' or 'paper' (`OBJECTIVES`).
   Returns:
-    scalar: mean over valid anchors of
-      1/|P_valid| Σ_m [log(e^{s_m} + Σ_n e^{s_n}) - s_m].
+    scalar, with -log p_m = log(e^{s_m} + Σ_n e^{s_n}) - s_m:
+      'log_likelihood': mean over valid anchors of 1/|P_valid| Σ_m -log p_m;
+      'paper': -(Σ over valid anchors and positives of p_m) / (their
+        number), i.e. eq. 1's sum, negated and normalised.
   """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"hiergroup.objective={objective!r}; choose one of "
+                     f"{OBJECTIVES}.")
   a, p, n = _unit(anchors), _unit(positives), _unit(negatives)
   s_pos = jnp.einsum("bvad,bapd->bvap", a, p) / temperature
   s_neg = jnp.einsum("bvad,band->bvan", a, n) / temperature
   s_neg = jnp.where(neg_valid[:, None], s_neg, _MASKED)
   neg_mass = jax.nn.logsumexp(s_neg, axis=-1, keepdims=True)   # [B,V,A,1]
-  per_pos = jnp.logaddexp(s_pos, neg_mass) - s_pos
+  per_pos = jnp.logaddexp(s_pos, neg_mass) - s_pos      # -log p_m
   pos_w = jnp.broadcast_to(pos_valid[:, None], per_pos.shape).astype(
       jnp.float32)
+  if objective == "paper":
+    pair_w = pos_w * anchor_valid[..., None].astype(jnp.float32)
+    prob = jnp.exp(-per_pos)
+    return -jnp.sum(prob * pair_w) / jnp.maximum(jnp.sum(pair_w), 1.0)
   per_anchor = jnp.sum(per_pos * pos_w, -1) / jnp.maximum(pos_w.sum(-1), 1.0)
   w = anchor_valid.astype(jnp.float32) * (pos_w.sum(-1) > 0)
   return jnp.sum(per_anchor * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def batch_loss(key, emb1, emb2, cells1, cells2, distances, hg,
-               temperature: float):
+               temperature: float, objective: str = "log_likelihood"):
   """Samples references and evaluates the loss for one batch.
 
   Args:
@@ -350,7 +367,7 @@ def batch_loss(key, emb1, emb2, cells1, cells2, distances, hg,
   return pixel_contrastive_loss(
       gather(ref["anchor_cells"]), both_views(gather(ref["pos_cells"])),
       negatives, ref["anchor_valid"], both_views(ref["pos_valid"]), neg_valid,
-      temperature)
+      temperature, objective)
 
 
 def make_forward_loss(config, model):
@@ -363,7 +380,10 @@ def make_forward_loss(config, model):
   """
   grid = embedding_grid(config)
   hg = config.hiergroup
-  temperature = float(config.loss.temperature)
+  objective = hg.get("objective", "log_likelihood")
+  # Eq. 1 has no temperature: 'paper' is T = 1 whatever loss.temperature.
+  temperature = 1.0 if objective == "paper" else float(
+      config.loss.temperature)
 
   def forward_loss(params, batch_stats, target_params, batch, key):
     del target_params
@@ -382,7 +402,7 @@ def make_forward_loss(config, model):
     cells1 = objects.downsample_segments(batch["mask1"], grid)
     cells2 = objects.downsample_segments(batch["mask2"], grid)
     loss = batch_loss(key, emb1, emb2, cells1, cells2, batch["hierarchy"],
-                      hg, temperature)
+                      hg, temperature, objective)
     segments = 0.5 * (jnp.mean(objects.unique_ids(cells1)[1]) +
                       jnp.mean(objects.unique_ids(cells2)[1]))
     return loss, (upd["batch_stats"], segments.astype(jnp.float32))

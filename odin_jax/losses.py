@@ -11,20 +11,42 @@ All losses share one signature over mask latents of two views:
   ids_v    [B, M] int, the segment id each of the M rows was pooled from
 
 Written on the *global* batch: under `jax.jit` on a mesh XLA gathers the
-targets, so negatives come from every device. `local_negatives_loss` gives
-the per-device variant (DetCon Table 5) with `jax.shard_map`.
+targets, so negatives come from every device (loss.negatives='global').
+`device_negatives_loss` gives the per-device variant (loss.negatives=
+'device', DetCon Table 5) with `jax.shard_map`.
 
-Contrastive detection, batched (DetCon eq. 1-3). For row (b, m) of view 1 with
-id i = ids_1[b, m], and latents normalised to unit length:
-  positive  : target_2[b, m'] with ids_2[b, m'] = i (counted once, however
-              many times i was drawn in view 2)
-  negatives : every other target latent of BOTH views of every image, except
-              target_1[b, m''] with ids_1[b, m''] = i (the same region of the
-              same image in its own view: neither positive nor negative)
-  l(b, m)   = -log softmax over {positive} ∪ negatives of (v·v'/τ) at positive
-  weight    = 1 / #{m'' : ids_1[b, m''] = i}   (repeated draws count once),
-              0 if i is absent from view 2
+Rows whose id is negative (objects.PAD_ID) are padding, e.g. the rows past
+the last id with loss.mask_sampling='all': they get weight 0 and their
+targets are neither positives nor negatives.
+
+Contrastive detection, batched (DetCon eq. 1-3, as DeepMind's
+`byol_nce_detcon` in detcon/utils/losses.py computes it). For row (b, m) of
+view 1 with id i = ids_1[b, m], latents normalised to unit length and
+logits v·v'/τ:
+  columns   : every target latent of view 2 and of view 1 of every image,
+              except target_1[b, m''] with ids_1[b, m''] = i (the same
+              region of the same image in its own view: neither positive
+              nor negative)
+  positives : the n_2 >= 0 columns target_2[b, m'] with ids_2[b, m'] = i.
+              When i was drawn several times in view 2, every copy is a
+              column and the label 1/n_2 is spread over them (the reference
+              normalises its labels by the number of positives)
+  l(b, m)   = logsumexp(columns) - mean over the positives of their logits
+            = soft-label cross-entropy
+  weight    = 1 / #{m'' : ids_1[b, m''] = i}  (the reference's obj_area:
+              repeated draws count once), 0 if n_2 = 0
   loss      = Σ weight·l / (B·M) for view 1  +  the same for view 2.
+Deliberate differences from the reference:
+  * One mean over the global B·M rows instead of each replica's mean; with
+    equal shards it is the mean of the replicas' losses, which is what the
+    reference's gradient all-reduce optimises.
+  * Masked logits are replaced by -1e9 rather than shifted by -1e9 (the same
+    softmax, without overflow worries in low precision).
+  * The reference's `local_negatives=False` (drop the other masks of the
+    same image from the negatives) is not offered; its default (True, keep
+    them) is what this loss does. Our `loss.negatives='device'` is a
+    different ablation: negatives from this device's images only.
+  * Padding rows (negative ids) do not exist in the reference.
 """
 
 from __future__ import annotations
@@ -56,30 +78,37 @@ def _first_occurrence(ids: jnp.ndarray) -> jnp.ndarray:
 
 def _one_direction(pred, target_other, target_own, ids, ids_other,
                    temperature):
-  """Weighted per-row loss of one view; returns [B, M] (weight · l)."""
+  """Weighted per-row loss of view v; returns [B, M] (weight · l).
+
+  pred [B, M, D] view v's online latents, target_other / target_own
+  [B, M, D] the target latents of the other view / of view v (all unit
+  length), ids / ids_other [B, M] their ids.
+  """
   b = pred.shape[0]
   same_image = jnp.eye(b, dtype=bool)[:, None, :, None]      # [B,1,B,1]
+  valid, valid_other = ids >= 0, ids_other >= 0
   logits_other = jnp.einsum("bmd,cnd->bmcn", pred, target_other) / temperature
   logits_own = jnp.einsum("bmd,cnd->bmcn", pred, target_own) / temperature
 
-  match_other = same_image & (ids[:, :, None, None] == ids_other[None, None])
-  first = _first_occurrence(ids_other)[None, None]           # [1,1,B,M]
-  positive = match_other & first
-  # Repeated draws of the positive id in the other view are not negatives.
-  logits_other = jnp.where(match_other & ~first, _MASKED, logits_other)
-  # The same id in the same image's own view is neither positive nor negative.
+  # Every copy of the row's id in the other view is a positive.
+  positive = (same_image & (ids[:, :, None, None] == ids_other[None, None])
+              & valid[:, :, None, None] & valid_other[None, None])
+  # The same id in the same image's own view is neither positive nor
+  # negative; padding rows are no columns at all.
+  logits_other = jnp.where(valid_other[None, None], logits_other, _MASKED)
   match_own = same_image & (ids[:, :, None, None] == ids[None, None])
-  logits_own = jnp.where(match_own, _MASKED, logits_own)
+  logits_own = jnp.where(match_own | ~valid[None, None], _MASKED, logits_own)
 
   rows = pred.shape[:2]
   all_logits = jnp.concatenate(
       [logits_other.reshape(*rows, -1), logits_own.reshape(*rows, -1)], -1)
   log_norm = jax.nn.logsumexp(all_logits, axis=-1)
-  pos_logit = jnp.sum(jnp.where(positive, logits_other, 0.0), axis=(2, 3))
-  has_pos = jnp.any(positive, axis=(2, 3))
+  num_pos = jnp.sum(positive, axis=(2, 3))                     # [B, M]
+  pos_logit = (jnp.sum(jnp.where(positive, logits_other, 0.0), axis=(2, 3))
+               / jnp.maximum(num_pos, 1))
 
   repeats = jnp.sum(ids[:, :, None] == ids[:, None, :], axis=-1)  # >= 1
-  weight = jnp.where(has_pos, 1.0 / repeats, 0.0)
+  weight = jnp.where(num_pos > 0, 1.0 / repeats, 0.0)
   return weight * (log_norm - pos_logit)
 
 
@@ -141,7 +170,8 @@ def mask_byol_loss(pred_1, pred_2, target_1, target_2, ids_1, ids_2,
   the same image's view 2: l = ||p/|p| - t/|t|||² = 2 - 2 cos(p, t). Rows
   are weighted as in contrastive detection (1 / repeats of the id in its
   view, 0 if the id is absent from the other view) and averaged over the
-  weight, so each mask present in both views counts once. With one global
+  weight, so each mask present in both views counts once. Padding rows
+  (negative ids, loss.mask_sampling='all') get weight 0. With one global
   mask this is exactly `byol_loss`.
   Latents [B, M, D], ids [B, M].
   """
@@ -150,7 +180,8 @@ def mask_byol_loss(pred_1, pred_2, target_1, target_2, ids_1, ids_2,
   def direction(pred, target_other, ids, ids_other):
     cos = jnp.einsum("bmd,bnd->bmn", l2_normalize(pred),
                      l2_normalize(target_other))
-    match = ids[:, :, None] == ids_other[:, None, :]
+    match = ((ids[:, :, None] == ids_other[:, None, :]) &
+             (ids >= 0)[:, :, None])       # padding rows have no positive
     positive = match & _first_occurrence(ids_other)[:, None, :]
     has_pos = jnp.any(positive, axis=-1)
     loss = 2.0 - 2.0 * jnp.sum(jnp.where(positive, cos, 0.0), axis=-1)
@@ -187,13 +218,15 @@ def get_loss(name: str):
   return LOSSES[name]
 
 
-def local_negatives_loss(loss_fn, mesh, axis: str = "data"):
+def device_negatives_loss(loss_fn, mesh, axis: str = "data"):
   """Wraps `loss_fn` so negatives come only from each device's own shard.
 
-  Each device evaluates `loss_fn` on its slice of the batch (per-device
-  semantics through `jax.shard_map`); the result is averaged over devices,
-  which equals the global-batch mean when shards have equal size (the
-  DetCon "negatives from this worker only" ablation, Table 5 row a).
+  loss.negatives='device'. Each device evaluates `loss_fn` on its slice of
+  the batch (per-device semantics through `jax.shard_map`); the result is
+  averaged over devices, which equals the global-batch mean when shards
+  have equal size (the DetCon "negatives from this worker only" ablation,
+  Table 5 row a). Not DeepMind's `local_negatives` flag, which keeps or
+  drops the negatives from the same image.
   """
   spec = P(axis)
 

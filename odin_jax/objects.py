@@ -4,9 +4,14 @@ Everything here runs inside the jitted train step, per image, with static
 shapes and no cross-device traffic:
 
   segments [B, H, W] --downsample_segments--> cells [B, h, w]  (majority id)
-  cells --sample_mask_ids--> ids [B, M]  (uniform over ids present, w/ repl.)
-  cells1, cells2 --sample_shared_ids--> ids1, ids2 [B, M] (same ids, visible
-                                        in both views)
+  cells1, cells2 --view_mask_ids(loss.mask_sampling)--> ids1, ids2 [B, M]:
+    'per_view' (default) sample_mask_ids on each view with its own key:
+               uniform over the ids present in that view, with replacement
+               (DetCon paper §3.1; DeepMind's detcon_b.py sample_masks)
+    'shared'   sample_shared_ids: the same ids for both views, among ids
+               visible in both
+    'all'      all_mask_ids: every id present, increasing, padded with
+               PAD_ID (R2O: the loss uses all K cluster masks)
   features [B, h, w, C], cells, ids --pool_features--> [B, M, C]  (DetCon h_m)
 
 No bound on the number or value of segment ids is assumed: ids are compared,
@@ -17,6 +22,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# Row id meaning "no mask": it matches no cell (pools to zeros) and the
+# losses give rows with a negative id weight 0 and never use them as
+# negatives. Data and discovered segment ids are >= 0.
+PAD_ID = -1
+
+# loss.mask_sampling values (see the module docstring).
+MASK_SAMPLING = ("per_view", "shared", "all")
 
 
 def _nearest_resize(segments: jnp.ndarray, height: int, width: int):
@@ -105,17 +118,71 @@ def sample_mask_ids(key: jax.Array, cells: jnp.ndarray, num_samples: int):
   return jnp.take_along_axis(unique, pick, axis=-1).astype(jnp.int32)
 
 
+def all_mask_ids(cells: jnp.ndarray, num_rows: int) -> jnp.ndarray:
+  """Every distinct id of each image, in increasing order, padded.
+
+  Args:
+    cells: int [B, h, w] (or [B, N]) per-cell ids of one view.
+    num_rows: M, rows per image. It must be at least the number of distinct
+      ids an image can have (R2O: r2o.k_start, checked by config_check);
+      ids past the first M would be dropped.
+  Returns:
+    int32 [B, M]: row m < n_b (n_b distinct ids in image b) is the m-th
+    smallest id, the remaining rows are PAD_ID.
+  """
+  unique, count = unique_ids(cells)                          # [B, N]
+  n = unique.shape[1]
+  if n < num_rows:   # fewer cells than rows: pad the id list first
+    pad = jnp.full((unique.shape[0], num_rows - n), PAD_ID, unique.dtype)
+    unique = jnp.concatenate([unique, pad], axis=1)
+  rows = jnp.arange(num_rows)[None]
+  return jnp.where(rows < count[:, None], unique[:, :num_rows],
+                   PAD_ID).astype(jnp.int32)
+
+
+def view_mask_ids(mode: str, key: jax.Array, cells1: jnp.ndarray,
+                  cells2: jnp.ndarray, num_rows: int
+                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The mask ids the loss compares, per loss.mask_sampling `mode`.
+
+  Args:
+    mode: one of MASK_SAMPLING. 'per_view' draws each view's ids with its
+      own key (split from `key`), as DeepMind's detcon_b.py calls
+      sample_masks once per view; the caller passes the same ids to the
+      online and the target network, as the reference does by giving both
+      the same rng.
+    key: PRNG key of this (micro-)batch's mask sampling (unused by 'all').
+    cells1, cells2: int [B, h, w] per-cell ids of the two views.
+    num_rows: M (config.num_masks).
+  Returns:
+    (ids1, ids2) int32 [B, M].
+  """
+  if mode == "per_view":
+    key1, key2 = jax.random.split(key)
+    return (sample_mask_ids(key1, cells1, num_rows),
+            sample_mask_ids(key2, cells2, num_rows))
+  if mode == "shared":
+    return sample_shared_ids(key, cells1, cells2, num_rows)
+  if mode == "all":
+    return all_mask_ids(cells1, num_rows), all_mask_ids(cells2, num_rows)
+  raise ValueError(f"loss.mask_sampling={mode!r}; choose one of "
+                   f"{MASK_SAMPLING}.")
+
+
 def sample_shared_ids(key: jax.Array, cells1: jnp.ndarray, cells2: jnp.ndarray,
                       num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Samples the same ids for both views, among ids visible in both.
 
-  Sampling each view's ids independently wastes rows: with 30 segments on
-  the grid and 16 draws per view, fewer than half of view 1's draws are also
-  drawn in view 2, and a row without its positive has weight 0 in the loss.
-  Drawing the same ids for both views, uniformly with replacement among
-  those visible in both, makes every row a positive pair. When an image's
-  views share no id (disjoint crops), each view draws among its own ids, so
-  no row pools an empty mask; the losses then give those rows weight 0.
+  loss.mask_sampling='shared', a variant (the default 'per_view' follows
+  the paper and DeepMind's code). Sampling each view's ids independently
+  wastes rows: with 30 segments on the grid and 16 draws per view, fewer
+  than half of view 1's draws are also drawn in view 2, and a row without
+  its positive has weight 0 in the loss. Drawing the same ids for both
+  views, uniformly with replacement among those visible in both, makes
+  every row a positive pair, but it also changes which masks are contrasted
+  (only those visible in both crops) and how often. When an image's views
+  share no id (disjoint crops), each view draws among its own ids, so no
+  row pools an empty mask; the losses then give those rows weight 0.
 
   Args:
     key: PRNG key.

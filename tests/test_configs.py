@@ -37,6 +37,27 @@ def test_paper_defaults():
   assert detcon_b.get_config("demo").dataset.name == "demo"
 
 
+def test_s_methods_take_simclr_recipe_and_heads_b_methods_byol():
+  # DetCon S3.1: DetCon-S (and SimCLR) use SimCLR v1's augmentation and
+  # projection head; DetCon-B, BYOL, Odin and R2O keep BYOL's.
+  for cfg in (detcon_s, simclr):
+    c = cfg.get_config()
+    a = c.augment
+    assert (a.brightness, a.contrast, a.saturation, a.hue) == (0.8, 0.8, 0.8, 0.2)
+    assert (a.color_jitter_prob, a.grayscale_prob) == (0.8, 0.2)
+    assert tuple(a.blur_prob) == (0.5, 0.5) and tuple(a.solarize_prob) == (0, 0)
+    m = c.model
+    assert (m.projector_hidden, m.projector_dim, m.predictor_hidden) == (2048, 128, 0)
+    assert not c.ema.enabled
+    assert (c.optimizer.base_learning_rate, c.optimizer.weight_decay) == (0.3, 1e-6)
+  for cfg in (detcon_b, byol, odin, r2o):
+    a = cfg.get_config().augment
+    assert (a.brightness, a.contrast, a.saturation, a.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert (a.color_jitter_prob, a.grayscale_prob) == (0.8, 0.2)
+    assert tuple(a.blur_prob) == (1.0, 0.1) and tuple(a.solarize_prob) == (0.0, 0.2)
+  assert simclr.get_config().loss.name == "simclr"
+
+
 def test_unknown_preset_names_the_choices():
   with pytest.raises(ValueError, match="demo"):
     detcon_b.get_config("imagenet21k")
@@ -50,6 +71,11 @@ def test_unknown_preset_names_the_choices():
     ("num_masks", 4, "num_masks"),          # byol takes one global mask
     ("grad_accum_steps", 3, "grad_accum_steps"),
     ("model.output_stride", 4, "model.output_stride"),
+    ("augment.blur_prob", (1.0, 1.5), "augment.blur_prob"),
+    ("augment.solarize_prob", (0.2,), "augment.solarize_prob"),
+    ("augment.grayscale_prob", -0.1, "augment.grayscale_prob"),
+    ("augment.hue", 0.7, "augment.hue"),
+    ("augment.blur_sigma_min", 0.0, "augment.blur_sigma_min"),
 ])
 def test_bad_values_fail_with_the_field_name(field, value, match):
   config = byol.get_config("test")

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from odin_jax.evaluate import discovery
 from odin_jax.evaluate import instances
@@ -278,7 +279,169 @@ def test_instance_recall_by_co_occurrence():
                                 [5] * 7)
 
 
+def test_instance_average_recall_matches_a_loop():
+  """AR (mean over IoU 0.50:0.05:0.95 of recall, best IoU per instance) and
+  R@0.5 per co-occurrence column = an explicit loop over images, instances,
+  proposals and thresholds."""
+  rng = np.random.default_rng(3)
+  h = w = 12
+  acc = instances.InstanceRecallAccumulator()
+  ar_hits, r50_hits, counts = np.zeros(6), np.zeros(6), np.zeros(6)
+  for _ in range(5):
+    gts, classes = [], []
+    for _ in range(int(rng.integers(1, 5))):
+      y, x = rng.integers(0, 8, size=2)
+      gts.append(_box(h, w, y, y + int(rng.integers(2, 5)), x,
+                      x + int(rng.integers(2, 5))))
+      classes.append(int(rng.integers(0, 2)))
+    # Proposals: jittered copies of the instances (IoU spread over the
+    # grid) and random boxes.
+    props = []
+    for g in gts:
+      ys, xs = np.nonzero(g)
+      dy, dx = rng.integers(-1, 2, size=2)
+      props.append(_box(h, w, max(ys.min() + dy, 0), ys.max() + 1,
+                         xs.min(), max(xs.max() + 1 + dx, xs.min() + 1)))
+    for _ in range(3):
+      y, x = rng.integers(0, 9, size=2)
+      props.append(_box(h, w, y, y + 3, x, x + 3))
+    acc.update(np.stack(gts), classes, np.stack(props))
+    for g, c in zip(gts, classes):
+      col = min(classes.count(c), 6) - 1
+      best = max(np.sum(g & p) / np.sum(g | p) for p in props)
+      ar_hits[col] += np.mean([best >= t - 1e-12 for t in
+                               np.linspace(0.5, 0.95, 10)])
+      r50_hits[col] += best >= 0.5
+      counts[col] += 1
+  res = acc.result()
+  for i, name in enumerate(instances.CO_OCCURRENCE_BINS):
+    if counts[i]:
+      assert res[f"ar_{name}"] == pytest.approx(ar_hits[i] / counts[i])
+      assert res[f"recall_{name}"] == pytest.approx(r50_hits[i] / counts[i])
+    else:
+      assert math.isnan(res[f"ar_{name}"])
+    assert res[f"count_{name}"] == counts[i]
+  assert res["ar_all"] == pytest.approx(ar_hits.sum() / counts.sum())
+  assert res["recall_all"] == pytest.approx(r50_hits.sum() / counts.sum())
+  # The jittered proposals make AR a strict fraction of R@0.5 here.
+  assert 0 < res["ar_all"] < res["recall_all"]
+
+
+def test_vit_keys_are_the_last_blocks_key_projections():
+  """The ViT's 'keys' map (eval.instance_feature='auto' for a ViT, the
+  paper's features) = LN1(x) @ W_k + b_k of the last block, computed here
+  from its parameters and its input x, patch tokens only (no CLS)."""
+  from odin_jax.models import vit
+  model = vit.ViT(patch_size=4, depth=2, width=16, num_heads=2, pos_size=16)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 20, 3))
+  variables = model.init(jax.random.PRNGKey(1), images)
+  out, state = model.apply(
+      variables, images,
+      capture_intermediates=lambda mdl, _: mdl.name == "block0")
+  assert out["keys"].shape == out["tokens"].shape == (2, 4, 5, 16)
+  x = np.asarray(state["intermediates"]["block0"]["__call__"][0])  # [2,21,16]
+  p = jax.tree.map(np.asarray, variables["params"]["block1"])
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  ln = ((x - mean) / np.sqrt(var + 1e-6) * p["norm1"]["scale"]
+        + p["norm1"]["bias"])
+  qkv = ln @ p["attn"]["qkv"]["kernel"] + p["attn"]["qkv"]["bias"]
+  keys = qkv[..., 16:32]          # fused layout (q | k | v, head, channel)
+  np.testing.assert_allclose(np.asarray(out["keys"]),
+                             keys[:, 1:].reshape(2, 4, 5, 16),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_instance_feature_defaults_to_vit_keys():
+  """eval.instance_feature='auto': a ViT's last-block keys (the paper's
+  features); a named map otherwise wins."""
+  from configs import detcon_b
+  from odin_jax.evaluate import runner
+  config = detcon_b.get_config("vit_test")
+  ctx = runner._Context(config, runner.settings_from_config(config), None,
+                        None)
+  assert runner.instance_feature(ctx) == "keys"
+  ctx = runner._Context(config, runner.settings_from_config(
+      config, instance_feature="tokens"), None, None)
+  assert runner.instance_feature(ctx) == "tokens"
+
+
 # --- Video label propagation --------------------------------------------
+
+
+def _davis_boundary_loop(mask):
+  """The DAVIS 2017 toolkit's boundary rule, written pixel by pixel from its
+  description: a pixel differs from its right, lower or lower-right
+  neighbour; the last row looks only right, the last column only down, the
+  bottom-right corner is never a boundary."""
+  h, w = mask.shape
+  out = np.zeros((h, w), bool)
+  for y in range(h):
+    for x in range(w):
+      if y == h - 1 and x == w - 1:
+        continue
+      if y == h - 1:
+        out[y, x] = mask[y, x] != mask[y, x + 1]
+      elif x == w - 1:
+        out[y, x] = mask[y, x] != mask[y + 1, x]
+      else:
+        out[y, x] = (mask[y, x] != mask[y, x + 1] or
+                     mask[y, x] != mask[y + 1, x] or
+                     mask[y, x] != mask[y + 1, x + 1])
+  return out
+
+
+def _f_from_boundaries(pred_b, gt_b, radius):
+  """F of two boundary maps: a pixel matches within Euclidean distance
+  <= radius of the other boundary (explicit pairwise distances)."""
+  pp, gg = np.argwhere(pred_b), np.argwhere(gt_b)
+  if len(pp) == 0 and len(gg) == 0:
+    return 1.0
+  if len(pp) == 0 or len(gg) == 0:
+    return 0.0
+  d2 = ((pp[:, None] - gg[None]) ** 2).sum(-1)
+  precision = (d2.min(1) <= radius ** 2).mean()
+  recall = (d2.min(0) <= radius ** 2).mean()
+  if precision + recall == 0:
+    return 0.0
+  return 2 * precision * recall / (precision + recall)
+
+
+def test_boundary_f_follows_the_davis_toolkit():
+  """F = the toolkit's rule (boundary of `_seg2bmap`, disk of radius
+  ceil(0.008 * diagonal)) on small noisy masks, where the old rule (mask
+  pixels with a 4-neighbour outside) gives a clearly different F."""
+  # Hand case: a lone pixel's boundary is itself and its up / left /
+  # up-left neighbours (they see it to their right / below / lower-right).
+  dot = np.zeros((5, 5), bool)
+  dot[2, 2] = True
+  want = np.zeros((5, 5), bool)
+  want[1:3, 1:3] = True
+  np.testing.assert_array_equal(video.mask_boundary(dot), want)
+  # A mask touching the image border: the border is no boundary.
+  full = np.zeros((4, 6), bool)
+  full[:, 3:] = True
+  np.testing.assert_array_equal(video.mask_boundary(full),
+                                _davis_boundary_loop(full))
+  assert not video.mask_boundary(full)[:, 3:].any()
+  h, w = 24, 32
+  radius = math.ceil(0.008 * math.hypot(h, w))   # 1 px here
+  gt = _box(h, w, 6, 18, 8, 22)
+  cross = ndimage.generate_binary_structure(2, 1)
+  gaps = []
+  for seed in range(3):
+    pred = gt ^ (np.random.default_rng(seed).random((h, w)) < 0.08)
+    np.testing.assert_array_equal(video.mask_boundary(pred),
+                                  _davis_boundary_loop(pred))
+    want = _f_from_boundaries(_davis_boundary_loop(pred),
+                              _davis_boundary_loop(gt), radius)
+    assert video.boundary_f_measure(pred, gt) == pytest.approx(want,
+                                                               abs=1e-12)
+    old = _f_from_boundaries(
+        pred & ~ndimage.binary_erosion(pred, cross, border_value=1),
+        gt & ~ndimage.binary_erosion(gt, cross, border_value=1), radius)
+    gaps.append(abs(old - want))
+  assert min(gaps) > 0.05, gaps   # the two rules do differ on these masks
 
 
 def test_make_clip_is_deterministic_and_moving():

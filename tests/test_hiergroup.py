@@ -255,16 +255,23 @@ def _numpy_loss(anchors, pos, neg, a_ok, p_ok, n_ok, t):
   return total / count
 
 
-def test_loss_matches_numpy():
-  rng = np.random.default_rng(0)
-  b, v, a, p, n, d = 3, 2, 4, 5, 6, 8
+def _random_pixel_inputs(seed, b, v, a, p, n, d):
+  """Random anchors [b, v, a, d], positives [b, a, p, d], negatives
+  [b, a, n, d] and their validity masks; anchor (0, 0) has no negative."""
+  rng = np.random.default_rng(seed)
   anchors = rng.normal(size=(b, v, a, d))
   pos = rng.normal(size=(b, a, p, d))
   neg = rng.normal(size=(b, a, n, d))
   a_ok = rng.random((b, v, a)) < 0.8
   p_ok = rng.random((b, a, p)) < 0.7
   n_ok = rng.random((b, a, n)) < 0.7
-  n_ok[0, 0] = False                       # an anchor without negatives
+  n_ok[0, 0] = False
+  return anchors, pos, neg, a_ok, p_ok, n_ok
+
+
+def test_loss_matches_numpy():
+  anchors, pos, neg, a_ok, p_ok, n_ok = _random_pixel_inputs(
+      0, b=3, v=2, a=4, p=5, n=6, d=8)
   p_ok[1, 1] = False                       # an anchor without positives
   loss = jax.jit(hiergroup.pixel_contrastive_loss)
   for t in (0.1, 1.0):
@@ -272,6 +279,83 @@ def test_loss_matches_numpy():
                a_ok, p_ok, n_ok, temperature=t)
     np.testing.assert_allclose(got, _numpy_loss(anchors, pos, neg, a_ok,
                                                 p_ok, n_ok, t), rtol=2e-5)
+
+
+def _numpy_eq1(anchors, pos, neg, a_ok, p_ok, n_ok):
+  """Eq. 1 verbatim (T = 1): Σ over valid anchors i and positives m of
+  e^{cos_im} / (e^{cos_im} + Σ_n e^{cos_in}), and the number of terms."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  total, count = 0.0, 0
+  b, v, a, _ = anchors.shape
+  for i, j, k in itertools.product(range(b), range(v), range(a)):
+    if not a_ok[i, j, k]:
+      continue
+    x = unit(anchors[i, j, k])
+    negs = sum(np.exp(x @ unit(n)) for n, ok in zip(neg[i, k], n_ok[i, k])
+               if ok)
+    for m, ok in zip(pos[i, k], p_ok[i, k]):
+      if ok:
+        e = np.exp(x @ unit(m))
+        total += e / (e + negs)
+        count += 1
+  return total, count
+
+
+def test_paper_objective_is_eq1():
+  """objective='paper' = -(eq. 1's Σ p at T = 1) / its number of terms,
+  against a loop; it is not the log-likelihood."""
+  # Anchor (0, 0) has no negative: its p is 1.
+  anchors, pos, neg, a_ok, p_ok, n_ok = _random_pixel_inputs(
+      1, b=2, v=2, a=3, p=4, n=5, d=6)
+  args = [jnp.asarray(x, jnp.float32) for x in (anchors, pos, neg)]
+  got = jax.jit(functools.partial(hiergroup.pixel_contrastive_loss,
+                                  temperature=1.0, objective="paper"))(
+                                      *args, a_ok, p_ok, n_ok)
+  total, count = _numpy_eq1(anchors, pos, neg, a_ok, p_ok, n_ok)
+  np.testing.assert_allclose(got, -total / count, rtol=1e-5)
+  log_lik = hiergroup.pixel_contrastive_loss(*args, a_ok, p_ok, n_ok,
+                                             temperature=1.0)
+  assert abs(float(log_lik) - float(got)) > 0.1
+  with pytest.raises(ValueError, match="objective"):
+    hiergroup.pixel_contrastive_loss(*args, a_ok, p_ok, n_ok,
+                                     objective="sum")
+
+
+def test_paper_objective_config_uses_t1():
+  """hiergroup.objective='paper' validates, ignores loss.temperature (eq. 1
+  has T = 1) and equals batch_loss at T = 1; a bad name is refused."""
+  config = hiergroup_config.get_config("test")
+  config.hiergroup.objective = "paper"
+  config_check.validate(config)
+  model = heads.from_config(config)
+  bsz, size = 2, 80
+  rng = np.random.default_rng(0)
+  views = jnp.asarray(rng.random((2, bsz, size, size, 3)), jnp.float32)
+  leaves = np.kron(_cells([0, 1, 2, 3, 4, 5], 8, 8),
+                   np.ones((size // 8, size // 8), np.int32))
+  batch = {"view1": views[0], "view2": views[1],
+           "mask1": jnp.asarray(np.broadcast_to(leaves, (bsz, size, size))),
+           "mask2": jnp.asarray(np.broadcast_to(leaves, (bsz, size, size))),
+           "hierarchy": jnp.asarray(np.broadcast_to(_D6, (bsz, L_PAD,
+                                                          L_PAD)))}
+  variables = model.init(jax.random.PRNGKey(0), views[0], train=False)
+  key = jax.random.PRNGKey(4)
+
+  def value(objective, temperature):
+    config.hiergroup.objective = objective
+    config.loss.temperature = temperature
+    fn = hiergroup.make_forward_loss(config, model)
+    return float(fn(variables["params"], variables["batch_stats"], None,
+                    batch, key)[0])
+
+  paper = value("paper", 0.1)
+  assert value("paper", 0.5) == paper
+  assert -1.0 <= paper < 0.0
+  assert value("log_likelihood", 1.0) != pytest.approx(
+      value("log_likelihood", 0.1))
+  config.hiergroup.objective = "sum"
+  with pytest.raises(config_check.ConfigError, match="hiergroup.objective"):
+    config_check.validate(config)
 
 
 def test_loss_trains_free_embeddings():

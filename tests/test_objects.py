@@ -91,3 +91,50 @@ def test_shared_ids_with_many_large_ids_match_set_intersection():
   for b in range(3):
     both = set(cells1[b].ravel()) & set(cells2[b].ravel())
     assert set(ids1[b]) == both
+
+
+def test_per_view_sampling_draws_each_view_on_its_own():
+  # DetCon samples each view's masks separately, uniformly over the masks
+  # present in THAT view (DeepMind's sample_masks, once per view): view 1's
+  # id 1 and view 2's id 9 are drawn although the other view lacks them.
+  cells1 = np.array([[[1, 2], [7, 7]], [[4, 4], [6, 4]]], np.int32)
+  cells2 = np.array([[[9, 2], [9, 7]], [[4, 6], [6, 6]]], np.int32)
+  n = 6000
+  ids1, ids2 = map(np.asarray, objects.view_mask_ids(
+      "per_view", jax.random.PRNGKey(2), cells1, cells2, n))
+  for ids, cells in ((ids1, cells1), (ids2, cells2)):
+    for b in range(2):
+      present = np.unique(cells[b])
+      assert set(ids[b]) == set(present)
+      freq = [np.mean(ids[b] == i) for i in present]
+      np.testing.assert_allclose(freq, 1 / len(present), atol=0.03)
+  # Image 1 shows the same ids {4, 6} in both views: the draws still differ
+  # and agree only as often as independent draws would (1/2).
+  assert abs(np.mean(ids1[1] == ids2[1]) - 0.5) < 0.03
+  # The same key gives the same ids (online and target networks agree).
+  again = objects.view_mask_ids("per_view", jax.random.PRNGKey(2), cells1, cells2, n)
+  np.testing.assert_array_equal(np.asarray(again[0]), ids1)
+
+
+def test_all_ids_lists_every_id_then_pads():
+  rng = np.random.default_rng(4)
+  cells1 = rng.integers(0, 5, size=(3, 3, 3)).astype(np.int32) * 1000
+  cells2 = rng.integers(0, 9, size=(3, 3, 3)).astype(np.int32)
+  ids1, ids2 = map(np.asarray, objects.view_mask_ids(
+      "all", jax.random.PRNGKey(0), cells1, cells2, 12))
+  for ids, cells in ((ids1, cells1), (ids2, cells2)):
+    for b in range(3):
+      present = np.unique(cells[b])
+      want = np.concatenate([present, np.full(12 - len(present), -1)])
+      np.testing.assert_array_equal(ids[b], want)
+  assert objects.PAD_ID == -1
+  # Padding rows pool to zeros.
+  feats = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+  pooled = np.asarray(objects.pool_features(feats, cells2, ids2))
+  np.testing.assert_array_equal(pooled[ids2 < 0], 0.0)
+
+
+def test_unknown_mask_sampling_names_the_field():
+  cells = np.zeros((1, 2, 2), np.int32)
+  with pytest.raises(ValueError, match="loss.mask_sampling"):
+    objects.view_mask_ids("paired", jax.random.PRNGKey(0), cells, cells, 4)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import byol, detcon_b, detcon_s
-from odin_jax import sharding, step
+from odin_jax import objects, sharding, step
 from odin_jax.models import heads
 
 
@@ -113,3 +113,56 @@ def test_gradient_accumulation_runs_and_uses_micro_batches():
   micro = step._micro_batches(jax.tree.map(np.asarray, batch), 2)
   # strided split: each micro-batch takes examples from every device's shard
   np.testing.assert_array_equal(np.asarray(micro["x"]), [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def _consumed_keys(state, k):
+  """Every key one step draws from, named: discovery, and per micro-batch
+  the two per-view mask-sampling keys (objects.view_mask_ids splits the
+  micro-batch key in two) and the micro-batch key itself (hiergroup)."""
+  keys = step.step_keys(state, k)
+  out = {"discovery": keys["discovery"]}
+  for i in range(k):
+    out[f"loss{i}"] = keys["loss"][i]
+    for v, view_key in enumerate(jax.random.split(keys["loss"][i])):
+      out[f"loss{i}/view{v + 1}"] = view_key
+  return out
+
+
+def test_no_two_consumers_share_a_key():
+  # fold_in(step_key, 1) was both Odin/R2O's discovery key and micro-batch
+  # 1's mask-sampling key: their first uniforms were identical.
+  import jax.numpy as jnp
+  for k in (1, 2, 4):                  # one run uses one grad_accum_steps
+    first_draws = {}
+    for number in (0, 1, 7):
+      state = step.TrainState(step=jnp.int32(number), params={},
+                              target_params={}, batch_stats={}, opt_state=(),
+                              rng=jax.random.PRNGKey(3))
+      # The training pictures show the masks of the step's own discovery key.
+      np.testing.assert_array_equal(
+          jax.random.key_data(step.discovery_key(state)),
+          jax.random.key_data(step.step_keys(state, k)["discovery"]))
+      for name, key in _consumed_keys(state, k).items():
+        first = float(jax.random.uniform(key))
+        assert first not in first_draws, (k, number, name, first_draws[first])
+        first_draws[first] = (number, name)
+    assert len(first_draws) == 3 * (1 + 3 * k)
+
+
+def test_all_ids_sampling_trains_without_randomness_in_the_loss():
+  # loss.mask_sampling='all' (R2O) pools every id of each view, padded with
+  # -1 rows: the step runs, and its loss does not depend on the step's key.
+  config = detcon_b.get_config("test")
+  config.loss.mask_sampling = "all"
+  config.num_masks = 12                # > the 3x3 grid's 9 cells: padding
+  model, tx, lr, ema, state = _setup(config)
+  fn = jax.jit(step.make_train_step(config, model, tx, lr, ema))
+  batch = _batch(config)
+  loss_a = float(fn(state, batch)[1]["train/loss"])
+  loss_b = float(fn(state.replace(rng=jax.random.PRNGKey(9)), batch)[1]["train/loss"])
+  assert np.isfinite(loss_a) and loss_a > 0
+  assert loss_a == loss_b
+  cells = [np.asarray(objects.downsample_segments(batch[m], step.feature_grid(config)))
+           for m in ("mask1", "mask2")]
+  ids = objects.view_mask_ids("all", None, *cells, 12)
+  assert (np.asarray(ids[0]) == -1).any()        # the case has padding rows

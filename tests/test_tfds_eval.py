@@ -38,7 +38,9 @@ from odin_jax.evaluate import video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO, DAVIS = "coco/2017_panoptic", "davis/480p"
-COCO_SIZE = 96            # eval.tfds_image_size: the crop's output side
+# eval.image_size: COCO's native central crop (120 px) is resized straight
+# to it and scored there (Odin App. A.4: ~480 -> 1024; here 120 -> 128).
+COCO_SIZE = 128
 # (height, width) of the four COCO images: landscape and portrait.
 COCO_SHAPES = ((120, 160), (160, 120), (120, 160), (160, 120))
 # Demo class (1..5) -> COCO panoptic thing label (0..79).
@@ -232,7 +234,7 @@ def tfds_dir(tmp_path_factory):
 def _settings(data_dir, **overrides) -> runner.EvalSettings:
   return runner.settings_from_config(
       detcon_b.get_config("test"), tfds_discovery=COCO, tfds_video=DAVIS,
-      tfds_data_dir=data_dir, tfds_image_size=COCO_SIZE, **overrides)
+      tfds_data_dir=data_dir, image_size=COCO_SIZE, **overrides)
 
 
 def test_real_builders_read_the_datasets(tfds_dir):
@@ -261,8 +263,10 @@ def _central_square(array, size):
 
 
 def test_coco_ground_truth_decoding(tfds_dir):
-  """The runner's COCO scenes = the masks written (crowd / stuff dropped,
-  central square crop resized to tfds_image_size)."""
+  """The runner's COCO scenes = the masks written (crowd / stuff dropped),
+  their native central square crop resized straight to eval.image_size
+  by nearest sampling: the ground truth scored is at the network's input
+  size, not at a smaller crop upsampled (Odin App. A.4)."""
   data_dir, truth, _ = tfds_dir
   settings = _settings(data_dir, tfds_num_images=len(truth))
   ctx = runner._Context(detcon_b.get_config("test"), settings, None, None)
@@ -343,8 +347,7 @@ def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
   sets = {"tfds_discovery": COCO, "tfds_video": DAVIS,
           "tfds_data_dir": data_dir, "tfds_num_images": len(truth),
           # The default 30 videos: more than this DAVIS holds (all are read).
-          "tfds_image_size": COCO_SIZE,
-          "image_size": 128,
+          "image_size": COCO_SIZE,
           "spectral_ks": "2,3", "mask_baselines": "grid",
           "video_frames": 4}
   proc = subprocess.run(
@@ -368,6 +371,10 @@ def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
     assert value is not None and math.isfinite(value) and 0 <= value <= 1, \
         (name, value)
   assert info["coco/discovery/num_images"] == len(truth)
+  assert info["coco/image_size"] == COCO_SIZE
+  assert info["coco/instances/feature"] == "stage4"   # eval.feature
+  assert 0 <= metrics["coco/instances/ar_all"] <= \
+      metrics["coco/instances/recall_all"]
   # Every non-crowd thing left in the crops is scored (count_k: instances
   # in images with k instances of their class).
   things = sum(len(np.unique(_central_square(inst, COCO_SIZE))) - 1

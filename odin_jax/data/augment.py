@@ -1,4 +1,8 @@
-"""Two-view augmentation (BYOL / DetCon recipe) for one example, in TensorFlow.
+"""Two-view augmentation for one example, in TensorFlow.
+
+The recipe is the config's: BYOL's asymmetric one by default (DetCon-B, BYOL,
+Odin A.1, R2O), SimCLR's symmetric one for DetCon-S and SimCLR
+(configs/common.py: simclr_augmentation).
 
 Everything runs in TF graph mode inside tf.data and ALL randomness comes from
 stateless ops keyed by an explicit seed (int32/int64 tensor of shape [2]), so
@@ -11,8 +15,10 @@ Per view (each view draws its own randomness):
             applied with the SAME box and flip to the image (bicubic, clipped
             to [0, 1]) and to its segment map (nearest: ids are never
             interpolated, so output ids are a subset of input ids);
-  colour    (image only) colour jitter in random order with prob p, grayscale,
-            Gaussian blur, solarisation.
+  colour    (image only) colour jitter (additive brightness, contrast,
+            saturation, hue in random order) with prob p, grayscale, Gaussian
+            blur (zero padding), solarisation: sample_color_params draws the
+            parameters, apply_color applies them (pure ops, one per function).
 
 `config` may be the full experiment ConfigDict (reads config.image_size and
 config.augment.*) or, for the helpers that do not need the view size, the
@@ -141,79 +147,155 @@ def crop_resize_flip(image, segments, box, flip, size: int):
   return view, mask
 
 
-def color_jitter(image, seed, config):
-  """BYOL colour jitter of float [S, S, 3] in [0, 1]; the 4 ops in random order.
+# --- Colour ----------------------------------------------------------------
+# Every colour op is a pure function (image float [S, S, 3], parameter) ->
+# image, and sample_color_params draws all of one view's parameters at once:
+# the ops can be checked against NumPy with known parameters, and moved onto
+# the device (jnp) one at a time. Ops, order and ranges follow BYOL's
+# augmentations.py (the DetCon-B / Odin A.1 recipe): jitter -> grayscale ->
+# blur -> solarise. SimCLR v1's data_util.py has the same ops bar solarise.
 
-  brightness: multiply by U[max(0, 1-b), 1+b]; contrast: U[1-c, 1+c];
-  saturation: U[1-s, 1+s]; hue: shift by U[-h, h]. Clipped after each op.
+def adjust_brightness(image, delta):
+  """image + delta (any shape). Additive, as BYOL / DetCon / Odin A.1 and
+  SimCLR v1 (tf.image.random_brightness); SimCLR v2's code multiplies."""
+  return image + delta
+
+
+def adjust_contrast(image, factor):
+  """mean_c + factor * (image - mean_c), mean_c per channel over [S, S]."""
+  return tf.image.adjust_contrast(image, factor)
+
+
+def adjust_saturation(image, factor):
+  """HSV saturation * factor, clipped to [0, 1] (TF's op, BYOL's formula)."""
+  return tf.image.adjust_saturation(image, factor)
+
+
+def adjust_hue(image, delta):
+  """HSV hue + delta, modulo 1 (delta in [-0.5, 0.5])."""
+  return tf.image.adjust_hue(image, delta)
+
+
+def to_grayscale(image):
+  """ITU-R 601 luma (0.2989, 0.5870, 0.1140) repeated in 3 channels."""
+  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def solarize(image, threshold: float = 0.5):
+  """Values >= threshold become 1 - value (BYOL's threshold 0.5)."""
+  return tf.where(image < threshold, image, 1.0 - image)
+
+
+def blur_radius(size: int) -> int:
+  """Half-width of the blur kernel for views of side `size`.
+
+  BYOL and SimCLR use a kernel of ~10% of the view, int(size / 10 / 2) taps
+  each side: 23 taps at 224 px, 9 at 80-96 px. At least 1, so views under
+  20 px (never trained on) still get a 3-tap kernel.
   """
-  a = _aug(config)
-  s = _split(seed, 5)
-  bright = _uniform(s[0], (), max(0.0, 1.0 - a.brightness), 1.0 + a.brightness)
-  contrast = _uniform(s[1], (), max(0.0, 1.0 - a.contrast), 1.0 + a.contrast)
-  sat = _uniform(s[2], (), max(0.0, 1.0 - a.saturation), 1.0 + a.saturation)
-  hue = _uniform(s[3], (), -a.hue, a.hue)
-  order = tf.argsort(_uniform(s[4], (4,)))   # a uniform random permutation
-
-  def apply(op, x):
-    clip = lambda y: tf.clip_by_value(y, 0.0, 1.0)
-    return tf.switch_case(op, [
-        lambda: clip(x * bright),
-        lambda: clip(tf.image.adjust_contrast(x, contrast)),
-        lambda: clip(tf.image.adjust_saturation(x, sat)),
-        lambda: clip(tf.image.adjust_hue(x, hue)),
-    ])
-
-  # One loop over the 4 steps traces the branches once (not 4 times).
-  _, image = tf.while_loop(lambda i, x: i < 4,
-                           lambda i, x: (i + 1, apply(order[i], x)),
-                           (tf.constant(0), image))
-  return image
+  return max(1, int(size / 20))
 
 
 def gaussian_blur(image, sigma, size: int):
-  """Separable Gaussian blur of float [S, S, 3], kernel side ~ size / 10 (odd).
+  """Separable Gaussian blur of float [S, S, 3] with ZERO padding.
 
-  Reflect padding, so borders are not darkened. Written as a weighted sum of
-  shifted slices: ~5x faster than a depthwise conv on CPU at these sizes.
+  The zero padding is the references' ('SAME' depthwise conv in BYOL and
+  SimCLR): pixels within blur_radius(size) of the border are darkened, as in
+  the papers' training. Written as a weighted sum of shifted slices (~5x
+  faster than a depthwise conv on CPU at these sizes, same values).
+  Args:
+    image: float [S, S, 3]; sigma: scalar std (pixels); size: S.
+  Returns:
+    float [S, S, 3].
   """
-  radius = max(1, (size // 10) // 2)
+  radius = blur_radius(size)
   taps = 2 * radius + 1
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
   kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
   kernel /= tf.reduce_sum(kernel)
   h, w = int(image.shape[0]), int(image.shape[1])
-  padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]],
-                  mode="REFLECT")
+  padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]])
   rows = tf.add_n([kernel[i] * padded[:, i:i + w] for i in range(taps)])
   return tf.add_n([kernel[i] * rows[i:i + h] for i in range(taps)])
 
 
-def color_augment(image, seed, config, blur_prob: float, solarize_prob: float):
-  """Jitter (p) -> grayscale (p) -> blur (blur_prob) -> solarise (p).
+def sample_color_params(seed, config, view: int) -> dict:
+  """Every random draw of one view's colour augmentation.
+
+  Args:
+    seed: int32/int64 [2] stateless seed.
+    config: full config or its augment sub-config.
+    view: 0 or 1, selects blur_prob[view] and solarize_prob[view].
+  Returns:
+    dict of scalars: jitter, grayscale, blur, solarize (bool: apply the op);
+    brightness (additive delta ~ U[-b, b]), contrast and saturation
+    (factors ~ U[max(0, 1 - c), 1 + c]), hue (delta ~ U[-h, h]), order
+    (int32 [4], a uniform permutation of the jitter ops brightness,
+    contrast, saturation, hue = 0..3), sigma (blur std ~ U[min, max]).
+  """
+  a = _aug(config)
+  s = _split(seed, 3)
+  u = _uniform(s[0], (4,))     # apply: jitter, grayscale, blur, solarise
+  j = _split(s[1], 5)
+  factor = lambda k, m: _uniform(k, (), max(0.0, 1.0 - m), 1.0 + m)
+  return {
+      "jitter": u[0] < a.color_jitter_prob,
+      "grayscale": u[1] < a.grayscale_prob,
+      "blur": u[2] < float(a.blur_prob[view]),
+      "solarize": u[3] < float(a.solarize_prob[view]),
+      "brightness": _uniform(j[0], (), -a.brightness, a.brightness),
+      "contrast": factor(j[1], a.contrast),
+      "saturation": factor(j[2], a.saturation),
+      "hue": _uniform(j[3], (), -a.hue, a.hue),
+      "order": tf.argsort(_uniform(j[4], (4,))),   # int32
+      "sigma": _uniform(s[2], (), a.blur_sigma_min, a.blur_sigma_max),
+  }
+
+
+def color_jitter(image, params):
+  """The 4 jitter ops of float [S, S, 3] in params['order'], each clipped to
+  [0, 1] (as BYOL and SimCLR do). params: sample_color_params' dict."""
+  clip = lambda y: tf.clip_by_value(y, 0.0, 1.0)
+
+  def apply(op, x):
+    return tf.switch_case(op, [
+        lambda: clip(adjust_brightness(x, params["brightness"])),
+        lambda: clip(adjust_contrast(x, params["contrast"])),
+        lambda: clip(adjust_saturation(x, params["saturation"])),
+        lambda: clip(adjust_hue(x, params["hue"])),
+    ])
+
+  # One loop over the 4 steps traces the branches once (not 4 times).
+  _, image = tf.while_loop(lambda i, x: i < 4,
+                           lambda i, x: (i + 1, apply(params["order"][i], x)),
+                           (tf.constant(0), image))
+  return image
+
+
+def apply_color(image, params):
+  """Jitter -> grayscale -> blur -> solarise, each where params say, clipped.
 
   Args:
     image: float32 [S, S, 3] in [0, 1].
+    params: sample_color_params' dict.
   Returns:
     float32 [S, S, 3] in [0, 1].
   """
-  a = _aug(config)
   size = int(image.shape[0])
-  s = _split(seed, 3)
-  u = _uniform(s[0], (4,))  # apply-jitter, grayscale, blur, solarise
-  image = tf.cond(u[0] < a.color_jitter_prob,
-                  lambda: color_jitter(image, s[1], a), lambda: image)
-  image = tf.cond(
-      u[1] < a.grayscale_prob,
-      lambda: tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3]),
-      lambda: image)
-  sigma = _uniform(s[2], (), a.blur_sigma_min, a.blur_sigma_max)
-  image = tf.cond(u[2] < blur_prob, lambda: gaussian_blur(image, sigma, size),
+  image = tf.cond(params["jitter"], lambda: color_jitter(image, params),
                   lambda: image)
-  image = tf.cond(u[3] < solarize_prob,
-                  lambda: tf.where(image < 0.5, image, 1.0 - image),
+  image = tf.cond(params["grayscale"], lambda: to_grayscale(image),
                   lambda: image)
+  image = tf.cond(params["blur"],
+                  lambda: gaussian_blur(image, params["sigma"], size),
+                  lambda: image)
+  image = tf.cond(params["solarize"], lambda: solarize(image), lambda: image)
   return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def color_augment(image, seed, config, view: int):
+  """One view's random colour augmentation of float32 [S, S, 3] in [0, 1]."""
+  return apply_color(image, sample_color_params(seed, config, view))
 
 
 def one_view(image, segments, seed, config, view: int):
@@ -229,8 +311,7 @@ def one_view(image, segments, seed, config, view: int):
   box, flip = sample_geometry(s[0], shape[0], shape[1], a)
   out, mask = crop_resize_flip(image, segments, box, flip, size)
   out.set_shape([size, size, 3])
-  out = color_augment(out, s[1], a, float(a.blur_prob[view]),
-                      float(a.solarize_prob[view]))
+  out = color_augment(out, s[1], a, view)
   mask.set_shape([size, size])
   return out, mask
 

@@ -10,6 +10,11 @@ device by cropping that segment map to the view's box (expressed relative to
 the spanning box), flipping it when the view was flipped and resizing it with
 nearest neighbour (odin_jax.discovery.mapping.map_segments).
 
+R2O instead clusters the whole un-augmented image (its "raw" view, resized
+to 224 x 224 whatever its aspect): with r2o.cluster_view 'image' the span
+box is the whole image, and the same contract (span, relative boxes,
+flips) carries it (clusters_whole_image).
+
 Everything here is TensorFlow in graph mode, for use inside a tf.data map.
 
 Coordinates. Boxes in image pixels are (y0, x0, h, w) int32, covering rows
@@ -120,8 +125,20 @@ def view_geometry(seed, height, width, config):
   return tuple(out)
 
 
+def clusters_whole_image(config) -> bool:
+  """True when discovery segments the whole image instead of the spanning
+  view: R2O with r2o.cluster_view 'image' (its default), as R2O's
+  do_kmeans(raw_image) clusters the un-augmented image resized to 224."""
+  return ("r2o" in config and config.r2o.enabled
+          and config.r2o.get("cluster_view", "image") == "image")
+
+
 def two_views_with_span(image, segments, seed, config):
   """augment.two_views plus Odin's spanning view and each view's geometry.
+
+  With clusters_whole_image(config) (R2O) the 'span' is the whole image
+  (box (0, 0, H, W), squashed to P x P whatever its aspect, as R2O's raw
+  view) and the boxes are relative to it; otherwise the spanning view.
 
   Args:
     image: uint8 [H, W, 3].
@@ -132,23 +149,28 @@ def two_views_with_span(image, segments, seed, config):
     dict with, for S = image_size and P = span_size(config) (2S by default):
       view1, view2  float32 [S, S, 3]  bit-identical to augment.two_views;
       mask1, mask2  int32 [S, S]       bit-identical to augment.two_views;
-      span          float32 [P, P, 3]  spanning view in [0, 1] (no colour
-                                       augmentation, never flipped);
+      span          float32 [P, P, 3]  spanning view (or whole image) in
+                                       [0, 1] (no colour augmentation,
+                                       never flipped);
       box1, box2    float32 [4]        view boxes (y0, x0, y1, x1) relative
-                                       to the spanning view, in [0, 1];
+                                       to the span (spanning view or whole
+                                       image), in [0, 1];
       flip1, flip2  bool []            whether each view was mirrored;
       span_mask     int32 [P, P]       (config.r2o.enabled only) the source
-                                       segments on the spanning view.
+                                       segments on the span.
   """
   out = augment.two_views(image, segments, seed, config)
   shape = tf.shape(image)
   (box1, flip1), (box2, flip2) = view_geometry(seed, shape[0], shape[1],
                                                config)
-  span_box = spanning_box(box1, box2)
+  if clusters_whole_image(config):
+    span_box = (tf.constant(0), tf.constant(0), shape[0], shape[1])
+  else:
+    span_box = spanning_box(box1, box2)
   size = span_size(config)
   out["span"] = spanning_view(image, span_box, size)
   if "r2o" in config and config.r2o.enabled:
-    # R2O clusters the source segments (superpixels) of the spanning view.
+    # R2O clusters the source segments (superpixels) of the span box.
     y0, x0, h, w = span_box
     seg = tf.slice(tf.cast(segments, tf.int32), tf.stack([y0, x0]),
                    tf.stack([h, w]))

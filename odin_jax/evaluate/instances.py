@@ -10,11 +10,11 @@ Self-Supervised Features for Learning Unsupervised Instance Segmentation"),
      image", App. A.2.1 and Table 4 of its appendix) -> `DEFAULT_KS`.
   3. Masks with non-connected components are split into one mask per
      component (App. A.3 "Non-connected component splitting").
-  4. Recall of the ground-truth instances (a mask recalls an instance at
-     IoU >= 0.5) grouped by how many instances of the same class co-occur in
-     the image: 1, 2, 3, 4, 5, 6+ (Table 1). E.g. in an image with two dogs
-     and one cat, the dogs count in column 2 and the cat in column 1.
-     Recall is pooled over all instances of a column across the dataset.
+  4. "Mean average recall" of the ground-truth instances (§3, Table 1),
+     grouped by how many instances of the same class co-occur in the image:
+     1, 2, 3, 4, 5, 6+. E.g. in an image with two dogs and one cat, the dogs
+     count in column 2 and the cat in column 1. Pooled over all instances of
+     a column across the dataset.
 
 Choices the paper leaves open, made here:
   * Negative cosine similarities are clipped to 0 (`affinity='clip'`, as in
@@ -27,8 +27,17 @@ Choices the paper leaves open, made here:
   * Components are found at feature resolution with 8-connectivity and then
     upsampled (nearest upsampling preserves 8-connectivity), so tiny
     components are not created by the upsampling itself.
-  * "Recall at IoU >= 0.5" (the brief); `iou_thresholds` also accepts
-    several thresholds (recall then averages over them, COCO-style AR).
+  * The paper does not define its "mean average recall" further; we use
+    COCO's IoU grid: AR = mean over t in {0.50, 0.55, ..., 0.95}
+    (`AR_THRESHOLDS`) of recall@t, an instance being recalled at t when its
+    best overlap (max IoU over all proposals, as Hosang et al.'s proposal
+    recall; the masks carry no score to rank a one-to-one matching by) is
+    >= t. AR is the headline ('ar_*'); recall at IoU >= 0.5 is reported
+    beside it ('recall_*'), the number this module reported before.
+  * Features: whatever the caller clusters. The paper clusters the keys of
+    the last attention block of ViTs (the evaluation's 'keys' map,
+    eval.instance_feature='auto' for a ViT); other backbones: the discovery
+    features (eval.feature).
 
 Cost: the affinity is dense, (h*w)^2 floats: fine up to ~64x64 grids
 (4096 cells: 64 MB and a partial eigendecomposition of a 4096x4096 matrix).
@@ -47,6 +56,8 @@ from odin_jax.evaluate import discovery
 
 DEFAULT_KS = (2, 3, 4, 5)
 IOU_THRESHOLD = 0.5
+# COCO's AR grid: IoU 0.50, 0.55, ..., 0.95.
+AR_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 # Table 1's columns: 1, 2, 3, 4, 5 and 6+ same-class instances in the image.
 CO_OCCURRENCE_BINS = ("1", "2", "3", "4", "5", "6+")
 
@@ -210,20 +221,18 @@ def co_occurrence_bins(gt_classes) -> np.ndarray:
   return np.minimum(counts[inverse.reshape(-1)], 6) - 1
 
 
-def instance_recall(gt_instance_masks, gt_classes, proposals=None, *,
-                    segment_maps=None,
-                    iou_thresholds: Sequence[float] = (IOU_THRESHOLD,)):
-  """Recall hits of one image's instances, by co-occurrence column.
+def instance_best_overlaps(gt_instance_masks, gt_classes, proposals=None, *,
+                           segment_maps=None):
+  """Best overlap and co-occurrence column of each of one image's instances.
 
   Args:
     gt_instance_masks: bool [G, H, W] (empty masks are dropped).
     gt_classes: int [G].
     proposals: bool [P, H, W], or
     segment_maps: int [S, H, W] (every label a proposal); exactly one.
-    iou_thresholds: an instance is recalled at threshold t if its best
-      overlap >= t; hits are averaged over the thresholds.
   Returns:
-    (hits float [6], totals int [6]) per column of `CO_OCCURRENCE_BINS`.
+    (best float64 [G'] = max IoU over the proposals, bins int [G'] index
+    into `CO_OCCURRENCE_BINS`), G' = the non-empty instances.
   """
   if (proposals is None) == (segment_maps is None):
     raise ValueError("pass exactly one of proposals and segment_maps")
@@ -231,48 +240,88 @@ def instance_recall(gt_instance_masks, gt_classes, proposals=None, *,
   classes = np.asarray(gt_classes).reshape(-1)
   nonempty = masks.reshape(masks.shape[0], -1).any(axis=1)
   masks, classes = masks[nonempty], classes[nonempty]
-  hits = np.zeros(len(CO_OCCURRENCE_BINS), np.float64)
-  totals = np.zeros(len(CO_OCCURRENCE_BINS), np.int64)
   if masks.shape[0] == 0:
-    return hits, totals
+    return np.zeros(0, np.float64), np.zeros(0, np.int64)
   if proposals is not None:
     best = discovery.best_overlaps(masks, proposals)
   else:
     best = discovery.best_overlaps_from_segmentations(masks, segment_maps)
+  # Co-occurrence counts only the instances that are scored.
+  return best, co_occurrence_bins(classes)
+
+
+def _hits_by_bin(best, bins, thresholds) -> np.ndarray:
+  """float64 [T, 6]: instances of each column recalled at each threshold."""
+  hits = np.zeros((len(thresholds), len(CO_OCCURRENCE_BINS)), np.float64)
+  for i, t in enumerate(thresholds):
+    np.add.at(hits[i], bins, (best >= t).astype(np.float64))
+  return hits
+
+
+def instance_recall(gt_instance_masks, gt_classes, proposals=None, *,
+                    segment_maps=None,
+                    iou_thresholds: Sequence[float] = (IOU_THRESHOLD,)):
+  """Recall hits of one image's instances, by co-occurrence column.
+
+  Args:
+    gt_instance_masks, gt_classes, proposals, segment_maps: as in
+      `instance_best_overlaps`.
+    iou_thresholds: an instance is recalled at threshold t if its best
+      overlap >= t; hits are averaged over the thresholds (`AR_THRESHOLDS`
+      gives each instance's contribution to AR).
+  Returns:
+    (hits float [6], totals int [6]) per column of `CO_OCCURRENCE_BINS`.
+  """
+  best, bins = instance_best_overlaps(gt_instance_masks, gt_classes,
+                                      proposals, segment_maps=segment_maps)
   thresholds = np.asarray(iou_thresholds, np.float64)
-  recalled = (best[:, None] >= thresholds[None]).mean(axis=1)
-  bins = co_occurrence_bins(classes)
-  np.add.at(hits, bins, recalled)
-  np.add.at(totals, bins, 1)
+  hits = _hits_by_bin(best, bins, thresholds).mean(axis=0)
+  totals = np.bincount(bins, minlength=len(CO_OCCURRENCE_BINS)).astype(
+      np.int64)
   return hits, totals
 
 
 class InstanceRecallAccumulator:
-  """Pools instance recall over a dataset, per co-occurrence column."""
+  """Pools instance recall over a dataset, per co-occurrence column.
 
-  def __init__(self, iou_thresholds: Sequence[float] = (IOU_THRESHOLD,)):
-    self.iou_thresholds = tuple(iou_thresholds)
-    self.hits = np.zeros(len(CO_OCCURRENCE_BINS), np.float64)
+  Keeps hits at every threshold of `iou_thresholds` (default
+  `AR_THRESHOLDS`) and at IoU 0.5, so one pass gives AR and R@0.5.
+  """
+
+  def __init__(self, iou_thresholds: Sequence[float] = AR_THRESHOLDS):
+    self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
+    self._thresholds = self.iou_thresholds + (IOU_THRESHOLD,)
+    self.hits = np.zeros((len(self._thresholds), len(CO_OCCURRENCE_BINS)),
+                         np.float64)
     self.totals = np.zeros(len(CO_OCCURRENCE_BINS), np.int64)
 
   def update(self, gt_instance_masks, gt_classes, proposals=None, *,
              segment_maps=None):
-    """Scores one image and adds it. Returns its (hits [6], totals [6])."""
-    hits, totals = instance_recall(gt_instance_masks, gt_classes, proposals,
-                                   segment_maps=segment_maps,
-                                   iou_thresholds=self.iou_thresholds)
+    """Scores one image and adds it.
+
+    Returns its (hits at IoU >= 0.5 float [6], totals int [6]).
+    """
+    best, bins = instance_best_overlaps(gt_instance_masks, gt_classes,
+                                        proposals, segment_maps=segment_maps)
+    hits = _hits_by_bin(best, bins, self._thresholds)
+    totals = np.bincount(bins, minlength=len(CO_OCCURRENCE_BINS))
     self.hits += hits
     self.totals += totals
-    return hits, totals
+    return hits[-1], totals.astype(np.int64)
 
   def result(self) -> dict:
-    """{'recall_1', ..., 'recall_6+', 'recall_all'} (NaN for an empty
-    column) and {'count_1', ..., 'count_6+'} instance counts."""
+    """Per column name in `CO_OCCURRENCE_BINS` and 'all' (NaN when empty):
+    'ar_<col>' mean over `iou_thresholds` of recall (the headline),
+    'recall_<col>' recall at IoU >= 0.5; and 'count_<col>' instances."""
     out = {}
-    for i, name in enumerate(CO_OCCURRENCE_BINS):
-      out[f"recall_{name}"] = (self.hits[i] / self.totals[i]
-                               if self.totals[i] else math.nan)
-      out[f"count_{name}"] = int(self.totals[i])
+    ar_hits = self.hits[:-1].mean(axis=0)   # [6], averaged over thresholds
+    r50_hits = self.hits[-1]
     total = int(self.totals.sum())
-    out["recall_all"] = self.hits.sum() / total if total else math.nan
+    for i, name in enumerate(CO_OCCURRENCE_BINS):
+      n = self.totals[i]
+      out[f"ar_{name}"] = ar_hits[i] / n if n else math.nan
+      out[f"recall_{name}"] = r50_hits[i] / n if n else math.nan
+      out[f"count_{name}"] = int(n)
+    out["ar_all"] = ar_hits.sum() / total if total else math.nan
+    out["recall_all"] = r50_hits.sum() / total if total else math.nan
     return out

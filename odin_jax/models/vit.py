@@ -5,6 +5,10 @@ grid after the final LayerNorm as 'tokens' [B, H/p, W/p, D], which
 `objects.pool_features` mask-pools like a ResNet stage, and Odin's discovery
 network projects and clusters token by token. The optional class token takes
 part in attention but is not part of the map (DetCon pools masks, not CLS).
+It also returns 'keys' [B, H/p, W/p, D]: the key projections of the last
+block's attention (heads concatenated), the features the instance-
+segmentation analysis paper clusters (§3); unused outputs cost nothing
+under jit (XLA drops them).
 
 Layout (timm's `VisionTransformer`, so weights export 1:1, see
 `timm_state_dict`): patch embedding Conv(p x p, stride p) -> prepend CLS ->
@@ -92,6 +96,7 @@ class SelfAttention(nn.Module):
   """
   num_heads: int
   dtype: Any = jnp.float32
+  with_keys: bool = False   # also return the keys k [B, N, D] (heads joined)
 
   @nn.compact
   def __call__(self, x):
@@ -104,25 +109,35 @@ class SelfAttention(nn.Module):
     q, k, v = split_heads(qkv, self.num_heads)
     out = jax.nn.dot_product_attention(q, k, v)          # [B, N, heads, hd]
     out = out.reshape(*out.shape[:-2], dim)
-    return nn.Dense(dim, dtype=self.dtype, kernel_init=_dense_init,
-                    name="proj")(out)
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=_dense_init,
+                   name="proj")(out)
+    if self.with_keys:
+      return out, k.reshape(*k.shape[:-2], dim)
+    return out
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+  with_keys: return (x, the attention's keys [B, N, D]) instead of x.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  with_keys: bool = False
 
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      name=name)
-    x = x + SelfAttention(self.num_heads, self.dtype, name="attn")(
-        norm("norm1")(x))
-    return x + MlpBlock(int(dim * self.mlp_ratio), self.dtype, name="mlp")(
+    attn = SelfAttention(self.num_heads, self.dtype, self.with_keys,
+                         name="attn")(norm("norm1")(x))
+    attn, keys = attn if self.with_keys else (attn, None)
+    x = x + attn
+    x = x + MlpBlock(int(dim * self.mlp_ratio), self.dtype, name="mlp")(
         norm("norm2")(x))
+    return (x, keys) if self.with_keys else x
 
 
 def resample_pos_embed(pos, old_grid: tuple[int, int],
@@ -141,7 +156,10 @@ def resample_pos_embed(pos, old_grid: tuple[int, int],
 
 
 class ViT(nn.Module):
-  """ViT backbone: images [B, H, W, 3] in [0, 1] -> {'tokens': [B, H/p, W/p, D]}.
+  """ViT backbone: images [B, H, W, 3] in [0, 1] -> {'tokens', 'keys'}.
+
+  Both [B, H/p, W/p, D]: the final LayerNorm's patch tokens, and the last
+  block's attention keys (module docstring).
 
   Attributes:
     patch_size: p (16 for S/16 and B/16, 8 for B/8).
@@ -200,10 +218,14 @@ class ViT(nn.Module):
 
     block = nn.remat(EncoderBlock) if self.remat != "none" else EncoderBlock
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype,
+      last = i == self.depth - 1
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, with_keys=last,
                 name=f"block{i}")(x)
+      if last:
+        x, keys = x
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-    return {"tokens": x[:, prefix:].reshape(b, h, w, d)}
+    return {"tokens": x[:, prefix:].reshape(b, h, w, d),
+            "keys": keys[:, prefix:].reshape(b, h, w, d)}
 
 
 def num_params(patch_size: int, depth: int, width: int, mlp_ratio: float = 4.0,
