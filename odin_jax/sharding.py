@@ -16,9 +16,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices `devices` come from (1 off TPU: no slice_index)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -27,8 +33,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   Axis types are Auto: the step is written on global arrays and XLA's
   partitioner chooses the collectives (the Explicit default of
   jax.make_mesh would demand out_sharding annotations on contractions).
+  Devices from several TPU slices (a multi-slice job) are ordered slice by
+  slice (mesh_utils.create_hybrid_device_mesh): 'data' runs over the chips
+  of one slice (ICI) first and across slices (DCN) last, so a contiguous
+  block of the batch stays within one slice and only the reductions that
+  must cross slices use the slower data-centre network.
   """
   devices = list(devices) if devices is not None else jax.devices()
+  slices = num_slices(devices)
+  if slices > 1:
+    if len(devices) % slices:
+      raise ValueError(f"{len(devices)} devices do not split evenly into "
+                       f"{slices} slices.")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (len(devices) // slices,), (slices,), devices=devices)
+    return Mesh(grid, (DATA,), axis_types=(AxisType.Auto,))
   return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,),
                        devices=devices)
 
