@@ -55,12 +55,54 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + console (+ metrics.jsonl) on process 0; console elsewhere."""
+  """TensorBoard + metrics.jsonl on process 0; the console elsewhere.
+
+  Process 0 has no console writer: CLU's default writer logs every write
+  (all scalars on one long line, the hparams as one dict), which doubled
+  the training loop's own progress line (Progress.line) at each log step
+  and the evaluation's table. The other processes print no progress line,
+  so CLU's console writer is their one line per log step.
+  """
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  default = metric_writers.create_default_writer(workdir, asynchronous=False)
   return metric_writers.MultiWriter(
-      [default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+      [metric_writers.SummaryWriter(workdir),
+       JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def _readable(value) -> bool | int | float | str:
+  """A config value as TensorBoard's hparams and a reader take it: numbers,
+  booleans and strings as they are, sequences as 'a, b', None as 'None'."""
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (tuple, list)):
+    return ", ".join(str(_readable(v)) for v in value)
+  return str(value)
+
+
+def _leaves(config, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted name, value) of every leaf field of a ConfigDict."""
+  out = []
+  for k, v in config.items():
+    if hasattr(v, "items"):   # a nested ConfigDict
+      out += _leaves(v, f"{prefix}{k}.")
+    else:
+      out.append((prefix + k, v))
+  return out
+
+
+def flat_config(config) -> dict[str, bool | int | float | str]:
+  """{'augment.blur_prob': '1.0, 0.1', 'model.depth': 50, ...}: every leaf
+  field under its dotted name, sorted by name, in the types TensorBoard's
+  hparams take (the hparams written at step 0)."""
+  return {k: _readable(v) for k, v in sorted(_leaves(config))}
+
+
+def format_config(config) -> str:
+  """One `  name = value` line per leaf field, sorted, values as Python
+  writes them ('resnet', (1.0, 0.1), None): the config as train.log shows
+  it, instead of the nested YAML-like ConfigDict dump."""
+  return "\n".join(f"  {k} = {v!r}" for k, v in sorted(_leaves(config)))
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -106,29 +148,58 @@ class IntervalMean:
 
 
 class Progress:
-  """Tracks throughput and prints one progress line with an ETA per log."""
+  """Tracks throughput and prints one progress line with an ETA per log.
 
-  def __init__(self, total_steps: int, global_batch: int, start_step: int):
+  The first step this process runs also compiles the train step and fills
+  the input pipeline (seconds to minutes), so its time says nothing about
+  the steps to come. Throughput, and the ETA from it, are measured from
+  the end of that step: `step_done` records it. Until a later step is done
+  the line shows the first step's time and no ETA.
+
+  `clock` (seconds, monotonic) is injectable for tests.
+  """
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int,
+               clock=time.perf_counter):
     self.total = total_steps
     self.batch = global_batch
-    self._last_step = start_step
-    self._last_time = time.time()
+    self._clock = clock
+    self._started = (start_step, clock())
+    self._first: tuple[int, float] | None = None   # (step, time) compiled
+    self._last: tuple[int, float] | None = None    # previous rates() call
+
+  def step_done(self, step: int) -> None:
+    """Marks `step` finished on device (its metrics fetched); the first call
+    ends the compiling step."""
+    if self._first is None:
+      self._first = (step, self._clock())
 
   def rates(self, step: int) -> dict[str, float]:
-    """Images/s and steps/s since the previous call."""
-    now = time.time()
-    steps = max(step - self._last_step, 1)
-    dt = max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
+    """Images/s and steps/s since the previous call, or since the first step
+    ended. At the first step itself (nothing measured after compiling yet)
+    they are that step's, compilation included, and line() says so."""
+    self.step_done(step)   # no-op unless the caller never marked a step
+    now = self._clock()
+    if step <= self._first[0]:
+      since = self._started
+    else:
+      since = self._last if self._last is not None else self._first
+      self._last = (step, now)
+    steps = max(step - since[0], 1)
+    dt = max(now - since[1], 1e-9)
     return {"train/images_per_sec": steps * self.batch / dt,
             "train/steps_per_sec": steps / dt}
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
+    head = (f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) "
+            f"loss {scalars['train/loss']:.4f} "
+            f"lr {scalars['train/learning_rate']:.4g} ")
+    if self._first is None or step <= self._first[0]:
+      compiling = ((self._first[1] if self._first else self._clock())
+                   - self._started[1])
+      return head + f"first step {compiling:.1f}s (compiling), ETA ?"
     sps = scalars.get("train/steps_per_sec", 0.0)
     eta = (self.total - step) / sps if sps > 0 else float("nan")
-    return (f"step {step}/{self.total} ({100.0 * step / self.total:.0f}%) "
-            f"loss {scalars['train/loss']:.4f} "
-            f"lr {scalars['train/learning_rate']:.4g} "
-            f"{scalars.get('train/images_per_sec', 0):.1f} img/s "
-            f"ETA {_fmt_duration(eta) if eta == eta else '?'}")
+    return head + (f"{scalars.get('train/images_per_sec', 0):.1f} img/s "
+                   f"ETA {_fmt_duration(eta) if eta == eta else '?'}")
 

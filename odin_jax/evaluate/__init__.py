@@ -13,4 +13,6 @@ Modules (import them directly; this package imports nothing heavy):
              k-NN classification of pooled features.
   pictures   Image | ground truth | k-means segments | PCA of features
              panels (Odin Fig. 2 style) and PNG writing.
+  datasets   Your own evaluation data: a folder of images with instance-id
+             PNG masks (eval.folder_discovery), checked file by file.
 """
