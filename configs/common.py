@@ -35,10 +35,31 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.num_epochs = 1000
   c.total_steps = 0
   c.warmup_epochs = 10.0
+  c.warmup_fraction = 0.0        # > 0: warm-up = this fraction of all steps,
+                                 #   derived at run start (R2O: 0.01); it
+                                 #   then replaces warmup_epochs
   c.grad_accum_steps = 1         # >1 splits the batch into micro-batches
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
+  # Training health (odin_jax/health.py): collapse statistics of the
+  # projections, logged as health/*, and a one-time WARNING when, for
+  # `patience` consecutive logs, health/projection_std < std_fraction /
+  # sqrt(model.projector_dim) or health/rankme < min_rankme.
+  hl = c.health = ml_collections.ConfigDict()
+  hl.enabled = True              # compute health/* inside the train step
+  hl.std_fraction = 0.1          # of the healthy 1/sqrt(D)
+  hl.min_rankme = 1.5            # RankMe ~1: one direction for all inputs
+  hl.patience = 3                # consecutive logs before warning
+  # TensorBoard 'masks/sampled' (data masks: DetCon, BYOL, SimCLR, cached
+  # Odin): view | masks | the sampled masks, at the first step and every
+  # this many steps; 0 = off. Odin/R2O: odin.image_every_steps instead.
+  c.mask_pictures_every_steps = 5000
   c.max_to_keep = 3
+  # Resume from this checkpoint step. None: the newest readable one (an
+  # unreadable newer one is kept as checkpoints/<step>.unreadable); a step:
+  # exactly it (newer ones kept as <step>.superseded; set it for one launch
+  # only, a relaunch with it goes back again). See checkpoint.py.
+  c.restore_step = ml_collections.FieldReference(None, field_type=int)
   # None: block on every step's metrics only on CPU (XLA:CPU collectives
   # deadlock otherwise); True/False forces it.
   c.block_every_step = ml_collections.FieldReference(None, field_type=bool)
@@ -66,6 +87,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.dataset.num_parallel_calls = -1
   c.dataset.prefetch_batches = -1
   c.dataset.private_threads = 0
+  # An example whose image or mask fails to load is skipped (a deterministic
+  # substitute stands in, train/skipped_examples counts it); the run stops
+  # when more than this fraction of the examples read fail (data/pipeline.py).
+  c.dataset.max_bad_fraction = 0.05
   c.dataset.demo_num_scenes = 256
   c.dataset.demo_image_size = 128
 
@@ -87,16 +112,22 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.masks.hier_sigma = 1.0       # smoothing of the colour-gradient edge map
   c.masks.hier_min_leaf_area = 0.005  # fraction of the image
 
+  # BYOL's asymmetric recipe (DetCon-B, BYOL, Odin A.1, R2O); DetCon-S and
+  # SimCLR replace it with SimCLR's (simclr_augmentation below). Ops and
+  # order: odin_jax/data/augment.py.
   a = c.augment = ml_collections.ConfigDict()
   a.crop_area_min, a.crop_area_max = 0.08, 1.0
   a.aspect_min, a.aspect_max = 3 / 4, 4 / 3
   a.flip_prob = 0.5
+  # Jitter ranges: brightness adds delta ~ U[-b, b] (BYOL / SimCLR v1, not a
+  # factor); contrast, saturation multiply by U[1 - x, 1 + x]; hue shifts
+  # by U[-h, h] (h <= 0.5).
   a.brightness, a.contrast, a.saturation, a.hue = 0.4, 0.4, 0.2, 0.1
   a.color_jitter_prob = 0.8
   a.grayscale_prob = 0.2
-  a.blur_prob = (1.0, 0.1)       # view 1, view 2
+  a.blur_prob = (1.0, 0.1)       # view 1, view 2; zero-padded, ~S/10 kernel
   a.blur_sigma_min, a.blur_sigma_max = 0.1, 2.0
-  a.solarize_prob = (0.0, 0.2)
+  a.solarize_prob = (0.0, 0.2)   # view 1, view 2; threshold 0.5
 
   m = c.model = ml_collections.ConfigDict()
   m.depth = 50
@@ -115,7 +146,21 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "contrastive_detection"   # | 'byol' | 'simclr'
   c.loss.temperature = 0.1
-  c.loss.local_negatives = False  # DetCon Table 5: negatives from own device
+  # Where the negatives come from: 'global' every image of the global batch
+  # (DetCon, DeepMind's cross-replica loss) | 'device' only this device's
+  # images (DetCon Table 5 ablation).
+  c.loss.negatives = "global"
+  # Which mask ids each view's rows pool (odin_jax/objects.py):
+  # 'per_view' num_masks draws per view, each view its own key, uniform over
+  #   the masks present in that view (DetCon paper §3.1, DeepMind's code)
+  # 'shared' the same draws for both views, among ids visible in both
+  # 'all' every id present, padded to num_masks rows (R2O's all K masks)
+  c.loss.mask_sampling = "per_view"
+  # Renamed: DeepMind's `local_negatives` means "negatives from the same
+  # image", ours meant "from this device". Kept only so that setting it
+  # fails with a message naming loss.negatives (config_check).
+  c.loss.local_negatives = ml_collections.FieldReference(None,
+                                                         field_type=bool)
 
   o = c.optimizer = ml_collections.ConfigDict()
   o.base_learning_rate = 0.2     # × batch_size / 256
@@ -170,6 +215,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   r.region_stage = "stage3"      # C4 features of the spanning view
   r.group_size = 32              # images clustered jointly (per-device batch)
   r.kmeans_iters = 10
+  # What k-means segments: 'image' = the whole un-augmented image squashed
+  # to odin.span_scale x image_size (R2O's raw view, do_kmeans(raw_image));
+  # 'spanning' = Odin's spanning view of the two crops.
+  r.cluster_view = "image"
 
   # Evaluation (python -m odin_jax.evaluate, and every eval.every_steps
   # during training). Demo scenes unless a TFDS dataset is named.
@@ -193,13 +242,36 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   e.mask_baselines = ("fh", "slic", "grid")
   e.spectral_ks = (2, 3, 4, 5)
   e.spectral_max_cells = 1024
+  # Instance recall (instance-segmentation analysis paper §3): 'auto' = a
+  # ViT's last-block attention keys ('keys', the paper's features), else
+  # eval.feature's; or any feature map name. Reports AR over IoU
+  # 0.5:0.05:0.95 (the paper's "mean average recall") and R@0.5.
+  e.instance_feature = "auto"
   e.video_clips, e.video_frames, e.video_objects = 4, 8, 2
   e.probe_train_images, e.probe_test_images, e.probe_steps = 96, 32, 300
   e.picture_images, e.picture_k = 4, 8
   e.tfds_discovery = ""              # e.g. 'coco/2017_panoptic' when prepared
   e.tfds_video = ""                  # e.g. 'davis/480p' when prepared
   e.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
-  e.tfds_num_images, e.tfds_num_videos, e.tfds_image_size = 500, 30, 256
+  # COCO (Odin App. A.4): the native central square crop is resized
+  # straight to eval.image_size and scored there (1024 px for ResNets).
+  e.tfds_num_images, e.tfds_num_videos = 500, 30
+  # Your own data (evaluate/datasets.py): PATH with images/ + masks/ (or
+  # JPEGImages/ + Annotations/), masks = PNG id maps of the same name;
+  # discovery / instances / pictures by COCO's protocol, prefix 'folder/'.
+  e.folder_discovery = ""
+  e.folder_num_images = 0            # the first N images (0: all)
+  e.folder_mask_encoding = "ids"     # 'ids' | 'coco_rgb' (R + 256G + 65536B)
+  e.folder_background_ids = (0,)     # mask ids that are not objects (+255:
+                                     #   VOC / DAVIS void borders)
+  # After training, print and write (workdir/eval/final_report.{json,txt})
+  # the online θ beside the EMA ξ, the same network at random init and the
+  # FH masks, with a sentence saying whether training helped
+  # (evaluate/report.py; the demo presets turn it on). The random-init and
+  # FH numbers are computed once and cached in report_cache_dir ('':
+  # ~/.cache/odin_jax/eval_baselines).
+  e.final_report = False
+  e.report_cache_dir = ""
 
   # Scale: precision, memory, profiling (docs/scale.md). The compute dtype
   # is model.dtype above ('bfloat16' on TPU/GPU; parameters, BatchNorm
@@ -215,6 +287,23 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   p.num_steps = 0                #   into workdir/profile; 0 = off
   p.all_processes = True         # every host writes its trace (False: host 0)
   return c
+
+
+def simclr_augmentation(c: ml_collections.ConfigDict) -> None:
+  """SimCLR v1's symmetric colour recipe, for DetCon-S and SimCLR.
+
+  DetCon S3.1, "Data augmentation": DetCon-S "adopt[s] the augmentation
+  pipelines of SimCLR". SimCLR v1 (ImageNet): jitter of strength s = 1, i.e.
+  (0.8s, 0.8s, 0.8s, 0.2s), with p 0.8, grayscale 0.2, blur 0.5 in BOTH
+  views, no solarisation. Its crop, flip and blur sigma range are the
+  defaults above (BYOL took them from SimCLR).
+  """
+  a = c.augment
+  a.brightness, a.contrast, a.saturation, a.hue = 0.8, 0.8, 0.8, 0.2
+  a.color_jitter_prob = 0.8
+  a.grayscale_prob = 0.2
+  a.blur_prob = (0.5, 0.5)
+  a.solarize_prob = (0.0, 0.0)
 
 
 def global_masks(c: ml_collections.ConfigDict) -> None:
@@ -271,7 +360,9 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.optimizer.base_learning_rate = 3.0 * 256 / c.batch_size
       c.total_steps = 200
       c.checkpoint_every_steps = 100
+      c.mask_pictures_every_steps = 100
       c.eval.every_steps = 100
+      c.eval.final_report = True   # θ vs random init vs FH masks at the end
       c.dataset.demo_num_scenes = 256
     else:
       c.image_size = 80

@@ -3,18 +3,32 @@
 ml_collections already rejects unknown fields given on the command line;
 this checks values and combinations before any data is read or any
 parameter is created, naming the field and what to do.
+
+Free of JAX, Flax and TensorFlow on purpose: `python -m odin_jax.main`
+validates the config before they load, so a bad value fails in a fraction
+of a second. The sets of valid names below therefore live here as plain
+tuples; each mirrors the registry of the module that implements it
+(tests/test_cli.py checks that they agree).
 """
 
 from __future__ import annotations
 
-from odin_jax import losses
-from odin_jax.data import masks
-from odin_jax.models import resnet
+# NumPy only (no JAX): its mask encodings are checked here.
+from odin_jax.evaluate import datasets
 
-MASK_METHODS = masks.METHODS
+# losses.LOSSES, plus hiergroup.LOSS_NAME (which has its own step).
+LOSS_NAMES = ("byol", "contrastive_detection", "mask_byol", "simclr")
+HIERGROUP_LOSS = "hiergroup"
+MASK_METHODS = ("fh", "fh_opencv", "slic", "grid", "gt", "hierarchy")
+MASK_SAMPLING = ("per_view", "shared", "all")    # objects.MASK_SAMPLING
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)      # resnet.STAGE_SIZES
+OUTPUT_STRIDES = (8, 16, 32)                     # resnet.OUTPUT_STRIDES
+REMAT_MODES = ("none", "blocks", "stages")       # resnet.REMAT_MODES
+HIERGROUP_OBJECTIVES = ("log_likelihood", "paper")  # hiergroup.OBJECTIVES
 FEATURE_STAGES = ("stage1", "stage2", "stage3", "stage4")
 FPN_STAGES = ("p2", "p3", "p4", "p5")
 ODIN_UPDATES = ("ema", "copy")
+R2O_CLUSTER_VIEWS = ("image", "spanning")
 
 
 class ConfigError(ValueError):
@@ -32,6 +46,10 @@ def validate(config) -> None:
            f"{config.batch_size}.")
   _require(config.total_steps >= 0 and config.num_epochs > 0,
            "num_epochs must be > 0 and total_steps >= 0 (0 = use epochs).")
+  _require(0.0 <= config.get("warmup_fraction", 0.0) < 1.0,
+           f"warmup_fraction={config.get('warmup_fraction')} must be in "
+           "[0, 1): the share of all steps spent warming up (0: use "
+           "warmup_epochs; R2O: 0.01).")
   _require(config.grad_accum_steps >= 1 and
            config.batch_size % config.grad_accum_steps == 0,
            f"batch_size={config.batch_size} must be divisible by "
@@ -40,11 +58,17 @@ def validate(config) -> None:
            "log_every_steps and checkpoint_every_steps must be > 0.")
   _require(config.image_size >= 32, f"image_size={config.image_size} is too "
            "small for a ResNet (needs >= 32 px).")
+  _validate_augment(config.augment)
   _require(config.num_masks >= 1, "num_masks must be >= 1.")
-  _require(config.loss.name in losses.LOSSES or config.loss.name ==
-           "hiergroup", f"loss.name={config.loss.name!r}; choose one of "
-           f"{sorted(losses.LOSSES) + ['hiergroup']}.")
+  bad_fraction = config.dataset.get("max_bad_fraction", 0.05)
+  _require(0.0 <= bad_fraction <= 1.0,
+           f"dataset.max_bad_fraction={bad_fraction} must be in [0, 1]: the "
+           "share of examples that may fail to load before the run stops.")
+  _require(config.loss.name in LOSS_NAMES + (HIERGROUP_LOSS,),
+           f"loss.name={config.loss.name!r}; choose one of "
+           f"{LOSS_NAMES + (HIERGROUP_LOSS,)}.")
   _require(config.loss.temperature > 0, "loss.temperature must be > 0.")
+  _validate_loss_sampling(config)
   if config.loss.name in ("byol", "simclr"):
     _require(config.num_masks == 1,
              f"loss.name={config.loss.name!r} uses one global mask: set "
@@ -56,14 +80,14 @@ def validate(config) -> None:
   _require(config.masks.method in MASK_METHODS,
            f"masks.method={config.masks.method!r}; choose one of "
            f"{MASK_METHODS}.")
-  _require(config.model.depth in resnet.STAGE_SIZES,
+  _require(config.model.depth in RESNET_DEPTHS,
            f"model.depth={config.model.depth}; choose one of "
-           f"{sorted(resnet.STAGE_SIZES)}.")
+           f"{RESNET_DEPTHS}.")
   _require(config.model.width > 0, "model.width must be > 0.")
   output_stride = config.model.get("output_stride", 32)
-  _require(output_stride in resnet.OUTPUT_STRIDES,
+  _require(output_stride in OUTPUT_STRIDES,
            f"model.output_stride={output_stride!r}; choose one of "
-           f"{resnet.OUTPUT_STRIDES}.")
+           f"{OUTPUT_STRIDES}.")
   _require(output_stride == 32 or (
       config.model.get("backbone", "resnet") == "resnet"
       and config.model.fpn_channels == 0 and config.loss.name != "hiergroup"),
@@ -111,6 +135,9 @@ def validate(config) -> None:
              f"{config.batch_size}; use the per-device batch as R2O does.")
     _require(o.span_scale >= 1.0, "odin.span_scale (the spanning view's "
              "scale, shared with R2O) must be >= 1.")
+    _require(r.get("cluster_view", "image") in R2O_CLUSTER_VIEWS,
+             f"r2o.cluster_view={r.get('cluster_view')!r}; choose one of "
+             f"{R2O_CLUSTER_VIEWS} ('image': the whole image, as R2O).")
   # float16 would need loss scaling (its gradients underflow), which the
   # step does not do; bfloat16 has float32's exponent range and does not.
   _require(config.model.dtype in ("float32", "bfloat16"),
@@ -131,13 +158,42 @@ def validate(config) -> None:
            "ema.base_decay must be in [0, 1].")
   _require(config.optimizer.base_learning_rate > 0,
            "optimizer.base_learning_rate must be > 0.")
+  encoding = (config.get("eval") or {}).get("folder_mask_encoding", "ids")
+  _require(encoding in datasets.MASK_ENCODINGS,
+           f"eval.folder_mask_encoding={encoding!r}; choose 'ids' (palette / "
+           "grayscale / 16-bit id PNGs) or 'coco_rgb' (COCO panoptic RGB).")
+
+
+NEGATIVES = ("global", "device")
+
+
+def _validate_loss_sampling(config) -> None:
+  """loss.negatives, loss.mask_sampling and the renamed loss.local_negatives."""
+  loss = config.loss
+  _require(loss.get("local_negatives") is None,
+           "loss.local_negatives was renamed: DeepMind's DetCon flag of that "
+           "name means 'negatives from the same image', ours meant 'from "
+           "this device only'. Use loss.negatives='device' (negatives from "
+           "this device only) or loss.negatives='global' (the whole batch, "
+           "the default), and remove loss.local_negatives.")
+  _require(loss.negatives in NEGATIVES,
+           f"loss.negatives={loss.negatives!r}; choose one of {NEGATIVES}.")
+  _require(loss.mask_sampling in MASK_SAMPLING,
+           f"loss.mask_sampling={loss.mask_sampling!r}; choose one of "
+           f"{MASK_SAMPLING}.")
+  if loss.mask_sampling == "all" and config.r2o.enabled:
+    # Each view then has at most r2o.k_start ids; more would be dropped.
+    _require(config.num_masks >= config.r2o.k_start,
+             f"loss.mask_sampling='all' with R2O needs num_masks >= "
+             f"r2o.k_start={config.r2o.k_start} (one row per cluster), got "
+             f"num_masks={config.num_masks}.")
 
 
 def _validate_scale(config) -> None:
   """model.remat, sharding.* and profile.* (docs/scale.md)."""
-  _require(config.model.remat in resnet.REMAT_MODES,
+  _require(config.model.remat in REMAT_MODES,
            f"model.remat={config.model.remat!r}; choose one of "
-           f"{resnet.REMAT_MODES}.")
+           f"{REMAT_MODES}.")
   _require(config.sharding.fsdp_min_size >= 0,
            "sharding.fsdp_min_size must be >= 0 (elements).")
   p = config.profile
@@ -220,9 +276,9 @@ def _validate_hiergroup(config) -> None:
   _require(not config.ema.enabled, "loss.name='hiergroup' has no target "
            "network: set ema.enabled=False.")
   _require(not (config.odin.enabled or config.r2o.enabled or
-                config.loss.local_negatives),
+                config.loss.negatives == "device"),
            "loss.name='hiergroup' works on the data's region trees: turn off "
-           "odin.enabled, r2o.enabled and loss.local_negatives.")
+           "odin.enabled and r2o.enabled, and use loss.negatives='global'.")
   _require(config.model.get("backbone", "resnet") == "resnet",
            "loss.name='hiergroup' uses the ResNet hypercolumn head: set "
            "model.backbone='resnet'.")
@@ -231,6 +287,30 @@ def _validate_hiergroup(config) -> None:
            "hiergroup.num_regions and num_positives must be >= 1, "
            "num_negatives and cross_image_negatives >= 0.")
   _require(h.sigma_p > 0, "hiergroup.sigma_p must be > 0 (paper: 0.8).")
+  _require(h.get("objective", "log_likelihood") in HIERGROUP_OBJECTIVES,
+           f"hiergroup.objective={h.get('objective')!r}; choose one of "
+           f"{HIERGROUP_OBJECTIVES} ('paper': eq. 1's Σ p at T = 1).")
   _require(set(h.stages) <= {"stage1", "stage2", "stage3", "stage4"},
            f"hiergroup.stages={tuple(h.stages)}; use ResNet stages "
            "('stage2', 'stage3' = res3, res4 in the paper).")
+
+
+def _validate_augment(a) -> None:
+  """augment.*: probabilities in [0, 1], per-view pairs, sane jitter ranges."""
+  for name in ("flip_prob", "color_jitter_prob", "grayscale_prob"):
+    _require(0.0 <= a[name] <= 1.0,
+             f"augment.{name}={a[name]} must be a probability in [0, 1].")
+  for name in ("blur_prob", "solarize_prob"):
+    v = a[name]
+    _require(isinstance(v, (tuple, list)) and len(v) == 2 and
+             all(0.0 <= p <= 1.0 for p in v),
+             f"augment.{name}={v!r} must be a pair of probabilities "
+             "(view 1, view 2), e.g. (1.0, 0.1).")
+  for name in ("brightness", "contrast", "saturation"):
+    _require(a[name] >= 0.0, f"augment.{name}={a[name]} must be >= 0 (the "
+             "jitter range; 0 turns the op off).")
+  _require(0.0 <= a.hue <= 0.5, f"augment.hue={a.hue} must be in [0, 0.5] "
+           "(a shift of the hue circle, whose period is 1).")
+  _require(0.0 < a.blur_sigma_min <= a.blur_sigma_max,
+           f"augment.blur_sigma_min={a.blur_sigma_min} and blur_sigma_max="
+           f"{a.blur_sigma_max} must satisfy 0 < min <= max (pixels).")

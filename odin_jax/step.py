@@ -28,6 +28,7 @@ Batch (global, sharded over 'data'):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -37,10 +38,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from odin_jax import hiergroup, losses, objects, sharding
+from odin_jax import health, hiergroup, losses, objects, sharding
 from odin_jax.discovery import kmeans as kmeans_lib
 from odin_jax.discovery import mapping
 from odin_jax.models import fpn as fpn_lib
+from odin_jax.models import heads
 from odin_jax.models import resnet
 from odin_jax.models import swin
 from odin_jax.models import vit
@@ -62,10 +64,19 @@ class TrainState:
 
 
 def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
-  """(total_steps, warmup_steps) from epochs, or from total_steps if > 0."""
+  """(total_steps, warmup_steps) from epochs, or from total_steps if > 0.
+
+  The warm-up is warmup_epochs, or warmup_fraction of the total steps when
+  that is > 0: derived here, when the run starts, so a command-line
+  --config.num_epochs (or total_steps) moves it too (R2O: 1 %, 3 of 300
+  epochs). It is capped at half the run.
+  """
   steps_per_epoch = max(1, num_examples // config.batch_size)
   total = config.total_steps or config.num_epochs * steps_per_epoch
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)
+  fraction = config.get("warmup_fraction", 0.0)
+  warmup = (fraction * total if fraction > 0
+            else config.warmup_epochs * steps_per_epoch)
+  warmup = min(int(round(warmup)), total // 2)
   return int(total), int(warmup)
 
 
@@ -167,7 +178,10 @@ def make_region_discover(config, model, num_clusters: Callable) -> Callable:
 
   Returns discover(params, batch_stats, span, span_mask, step, key) ->
   int32 [B, h, w] on the region_stage grid (C4: 14x14 at 224):
-    1. C4 features of the spanning view (target network, no gradient);
+    1. C4 features of `span` [B, P, P, 3] (target network, no gradient):
+       by default the whole un-augmented image at P = 224, R2O's raw view
+       (r2o.cluster_view, data/spanning.py), with its superpixels span_mask
+       int [B, P, P];
     2. each superpixel (majority id per cell) pooled into one region vector,
        L2-normalised;
     3. k-means over the regions of each group of r2o.group_size images
@@ -202,14 +216,36 @@ def make_region_discover(config, model, num_clusters: Callable) -> Callable:
   return discover
 
 
+# The consumers of one step's randomness. Each gets its own key from a single
+# split of the step key, so no two of them draw the same numbers (deriving
+# them with fold_in(key, i) once gave micro-batch 1's mask sampling the
+# discovery key). Add a consumer here, never a fold_in elsewhere.
+KEY_STREAMS = ("discovery", "loss")
+
+
 def step_key(state: TrainState) -> jax.Array:
-  """The PRNG key of the step `state` is about to take."""
+  """The base PRNG key of the step `state` is about to take (only split)."""
   return jax.random.fold_in(state.rng, state.step)
+
+
+def step_keys(state: TrainState, num_micro_batches: int = 1
+              ) -> dict[str, jax.Array]:
+  """Every key this step consumes, all distinct.
+
+  Returns {'discovery': key} (Odin/R2O k-means, and the training pictures
+  that show its masks) and {'loss': keys [num_micro_batches]}: micro-batch
+  i's key for forward_loss (mask-id sampling, which splits it again per
+  view; hierarchical grouping's pixel sampling).
+  """
+  keys = dict(zip(KEY_STREAMS, jax.random.split(step_key(state),
+                                                len(KEY_STREAMS))))
+  keys["loss"] = jax.random.split(keys["loss"], num_micro_batches)
+  return keys
 
 
 def discovery_key(state: TrainState) -> jax.Array:
   """The k-means key of this step's mask discovery (step and pictures)."""
-  return jax.random.fold_in(step_key(state), 1)
+  return step_keys(state)["discovery"]
 
 
 def make_mask_discovery(config, model, discovery_rate=None,
@@ -331,6 +367,67 @@ def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
       discovery_params=copy() if config.odin.enabled else {})
 
 
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """The model, optimizer, schedules and jitted step of one config on a mesh.
+
+  `build` makes it; train.py trains with it and aot.py compiles the same
+  `train_step` for a TPU slice, so both see one set-up.
+    abstract_state: TrainState of jax.ShapeDtypeStructs (shapes only)
+    state_sharding: TrainState of NamedShardings (sharding.state_shardings)
+    init_state:     rng -> TrainState, jitted onto state_sharding
+    train_step:     (state, batch) -> (state, metrics), jitted with the state
+                    donated, the batch sharded over 'data' and the metrics
+                    replicated
+    schedules:      {'discovery_rate', 'region_clusters'}: Odin's λ_τ and
+                    R2O's K (make_train_step / make_mask_discovery keywords)
+  """
+  model: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  ema_schedule: Callable
+  schedules: dict
+  total_steps: int
+  warmup_steps: int
+  abstract_state: TrainState
+  state_sharding: Any
+  init_state: Callable
+  train_step: Callable
+
+
+def build(config, mesh, num_examples: int) -> Built:
+  """Builds config's train state set-up and train step on `mesh`.
+
+  num_examples sets the schedules' lengths (epochs -> steps); no array is
+  allocated (the state is only traced, by jax.eval_shape).
+  """
+  total_steps, warmup_steps = schedule_lengths(config, num_examples)
+  model = heads.from_config(config)
+  lr_schedule = learning_rate_schedule(config, total_steps, warmup_steps)
+  ema_schedule = ema_decay_schedule(config, total_steps)
+  tx = make_optimizer(config, lr_schedule)
+  make_state = lambda rng: create_train_state(config, model, tx, rng)
+  abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
+  # Replicated, or split over 'data' with sharding.fsdp (sharding.py).
+  state_sharding = sharding.state_shardings(config, mesh, abstract_state)
+  schedules = {  # Odin's λ_τ and R2O's K, when the method has them
+      "discovery_rate": discovery_rate_schedule(
+          config, max(1, num_examples // config.batch_size)),
+      "region_clusters": region_clusters_schedule(config, total_steps)}
+  train_step = jax.jit(
+      make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh,
+                      **schedules),
+      in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return Built(
+      model=model, tx=tx, lr_schedule=lr_schedule, ema_schedule=ema_schedule,
+      schedules=schedules, total_steps=total_steps, warmup_steps=warmup_steps,
+      abstract_state=abstract_state, state_sharding=state_sharding,
+      init_state=jax.jit(make_state, out_shardings=state_sharding),
+      train_step=train_step)
+
+
 def _micro_batches(batch: Batch, k: int) -> Batch:
   """[B, ...] -> [k, B/k, ...], strided so each micro-batch spans devices."""
   return jax.tree.map(lambda x: sharding.strided_split(x, k), batch)
@@ -352,23 +449,28 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
   pixel_level = config.loss.name == hiergroup.LOSS_NAME   # own forward_loss
   loss_fn = None if pixel_level else functools.partial(
       losses.get_loss(config.loss.name), temperature=config.loss.temperature)
-  if config.loss.local_negatives:
+  device_negatives = config.loss.negatives == "device"
+  if device_negatives:
     if mesh is None:
-      raise ValueError("loss.local_negatives=True needs the device mesh.")
-    loss_fn = losses.local_negatives_loss(loss_fn, mesh)
+      raise ValueError("loss.negatives='device' needs the device mesh.")
+    loss_fn = losses.device_negatives_loss(loss_fn, mesh)
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
+  mask_sampling = config.loss.mask_sampling
+  track_health = config.health.enabled
 
   def gather(x):
     # Targets are needed whole by every device (they are the negatives);
     # predictions stay sharded, so the logits are sharded by row.
-    if replicated is None or config.loss.local_negatives:
+    if replicated is None or device_negatives:
       return x
     return jax.lax.with_sharding_constraint(x, replicated)
 
   def forward_loss(params, batch_stats, target_params, batch, key):
     cells1 = objects.downsample_segments(batch["mask1"], grid)
     cells2 = objects.downsample_segments(batch["mask2"], grid)
-    ids1, ids2 = objects.sample_shared_ids(key, cells1, cells2, num_masks)
+    # The online and the target network pool the same ids of a view.
+    ids1, ids2 = objects.view_mask_ids(mask_sampling, key, cells1, cells2,
+                                       num_masks)
 
     def online(stats, view, cells, ids):
       return model.apply({"params": params, "batch_stats": stats}, view,
@@ -390,39 +492,51 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     loss = loss_fn(out1["prediction"], out2["prediction"], gather(t1),
                    gather(t2), ids1, ids2)
     segments = 0.5 * (_num_unique(cells1) + _num_unique(cells2))
-    return loss, (upd["batch_stats"], segments)
+    # Collapse statistics of what the loss compares against (health.py),
+    # on the ungathered targets: XLA sums the D x D Gram across devices.
+    # Padding ids (< 0, mask_sampling 'all') are left out.
+    checks = (health.metrics([t1, t2], [ids1 >= 0, ids2 >= 0])
+              if track_health else {})
+    return loss, (upd["batch_stats"], segments, checks)
 
   if pixel_level:   # hierarchical grouping: pixel sampling + its loss
-    forward_loss = hiergroup.make_forward_loss(config, model)
+    forward_loss = _without_health(hiergroup.make_forward_loss(config, model))
   grad_fn = jax.value_and_grad(forward_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
-    key = step_key(state)
+    k = config.grad_accum_steps
+    keys = step_keys(state, k)
     extra = {}
     if discover is not None:
-      found = discover(state, batch, discovery_key(state))
+      found = discover(state, batch, keys["discovery"])
       batch = dict(batch, mask1=found["mask1"], mask2=found["mask2"])
       extra["train/discovered_segments"] = _num_unique(found["span_segments"])
     batch = {k: batch[k] for k in ("view1", "view2", "mask1", "mask2",
                                    "hierarchy") if k in batch}
-    k = config.grad_accum_steps
     if k == 1:
-      (loss, (stats, segs)), grads = grad_fn(
-          state.params, state.batch_stats, state.target_params, batch, key)
+      (loss, (stats, segs, checks)), grads = grad_fn(
+          state.params, state.batch_stats, state.target_params, batch,
+          keys["loss"][0])
     else:
+      # Health statistics are means over the micro-batches (RankMe of a
+      # micro-batch's B/k x M rows, not of the whole batch).
       def accumulate(carry, inputs):
-        stats, grad_sum, loss_sum, seg_sum = carry
-        micro, i = inputs
-        (l, (stats, s)), g = grad_fn(state.params, stats, state.target_params,
-                                     micro, jax.random.fold_in(key, i))
+        stats, grad_sum, loss_sum, seg_sum, check_sum = carry
+        micro, micro_key = inputs
+        (l, (stats, s, c)), g = grad_fn(state.params, stats,
+                                        state.target_params, micro, micro_key)
         grad_sum = jax.tree.map(jnp.add, grad_sum, g)
-        return (stats, grad_sum, loss_sum + l, seg_sum + s), None
+        check_sum = jax.tree.map(jnp.add, check_sum, c)
+        return (stats, grad_sum, loss_sum + l, seg_sum + s, check_sum), None
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (stats, grads, loss, segs), _ = jax.lax.scan(
-          accumulate, (state.batch_stats, zeros, 0.0, 0.0),
-          (_micro_batches(batch, k), jnp.arange(k)))
+      no_checks = {name: jnp.zeros((), jnp.float32) for name in (
+          HEALTH_METRICS if track_health and not pixel_level else ())}
+      (stats, grads, loss, segs, checks), _ = jax.lax.scan(
+          accumulate, (state.batch_stats, zeros, 0.0, 0.0, no_checks),
+          (_micro_batches(batch, k), keys["loss"]))
       grads = jax.tree.map(lambda g: g / k, grads)
       loss, segs = loss / k, segs / k
+      checks = jax.tree.map(lambda c: c / k, checks)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -441,6 +555,7 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
       extra["train/discovery_rate"] = rate
     metrics = {
         **extra,
+        **checks,
         "train/loss": loss,
         "train/grad_norm": optax.tree.norm(grads),
         "train/learning_rate": lr_schedule(state.step),
@@ -455,6 +570,19 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     return new_state, metrics
 
   return train_step
+
+
+# The health.metrics names forward_loss adds (when config.health.enabled).
+HEALTH_METRICS = ("health/projection_std", "health/rankme")
+
+
+def _without_health(forward_loss: Callable) -> Callable:
+  """A forward_loss whose aux is (stats, segments) -> one with an empty
+  health dict appended (hierarchical grouping has no mask projections)."""
+  def wrapped(*args):
+    loss, (stats, segments) = forward_loss(*args)
+    return loss, (stats, segments, {})
+  return wrapped
 
 
 def _num_unique(cells: jax.Array) -> jax.Array:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from odin_jax import (checkpoint, config_check, profiling, reporting,
-                      sharding, step)
-from odin_jax.data import pipeline, sources
+from odin_jax import (checkpoint, config_check, failure, health, hiergroup,
+                      objects, profiling, reporting, sharding, step)
+from odin_jax.data import pipeline, skips, sources
 from odin_jax.discovery import cache as mask_cache
-from odin_jax.evaluate import pictures, runner
-from odin_jax.models import heads
+from odin_jax.evaluate import pictures, report, runner
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -136,11 +136,47 @@ def _discovery_preview(discover, replicated):
 def _write_discovery_pictures(writer, number: int, found, batch) -> None:
   """TensorBoard 'discovery/masks': span | segments | masks in both views."""
   found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
+  failure.inject("pictures", number)
   panels = [pictures.training_masks_panel(
       batch["span"][i], found["span_segments"][i], batch["view1"][i],
       found["mask1"][i], batch["view2"][i], found["mask2"][i])
             for i in range(len(found["mask1"]))]
   writer.write_images(number, {"discovery/masks": np.stack(panels)})
+
+
+def _sampled_masks_preview(config, replicated):
+  """jit(state, batch) -> the data masks and the ids the step samples.
+
+  For data-mask methods (DetCon, BYOL, SimCLR): the first _NUM_PICTURES
+  images of micro-batch 0 (global rows 0, k, 2k, ... with k =
+  grad_accum_steps), their mask1, mask2 int [N, S, S] and ids1, ids2 int
+  [N, M], drawn with the step's own key from the whole micro-batch, as
+  forward_loss draws them. Replicated, like _discovery_preview.
+  """
+  grid, k = step.feature_grid(config), config.grad_accum_steps
+
+  def preview(state, batch):
+    masks = [sharding.strided_split(batch[m], k)[0] for m in ("mask1",
+                                                               "mask2")]
+    cells = [objects.downsample_segments(m, grid) for m in masks]
+    ids = objects.view_mask_ids(config.loss.mask_sampling,
+                                step.step_keys(state, k)["loss"][0], *cells,
+                                config.num_masks)
+    return {"mask1": masks[0][:_NUM_PICTURES], "ids1": ids[0][:_NUM_PICTURES],
+            "mask2": masks[1][:_NUM_PICTURES], "ids2": ids[1][:_NUM_PICTURES]}
+  return jax.jit(preview, out_shardings=replicated)
+
+
+def _write_sampled_masks_pictures(writer, number: int, found, batch,
+                                  every: int) -> None:
+  """TensorBoard 'masks/sampled': view | masks | sampled masks, 2 views."""
+  found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
+  rows = range(0, len(batch["view1"]), every)[:len(found["mask1"])]
+  panels = [pictures.sampled_masks_panel(
+      batch["view1"][r], found["mask1"][i], found["ids1"][i],
+      batch["view2"][r], found["mask2"][i], found["ids2"][i])
+            for i, r in enumerate(rows)]
+  writer.write_images(number, {"masks/sampled": np.stack(panels)})
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
@@ -157,42 +193,34 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   mesh = sharding.make_mesh(devices)
   sharding.check_batch_size(config.batch_size, mesh)
   source = sources.make_source(config)
-  total_steps, warmup_steps = step.schedule_lengths(config,
-                                                    source.num_examples)
-  model = heads.from_config(config)
-  lr_schedule = step.learning_rate_schedule(config, total_steps, warmup_steps)
-  ema_schedule = step.ema_decay_schedule(config, total_steps)
-  tx = step.make_optimizer(config, lr_schedule)
-
+  # Model, optimizer, state layout and jitted step: the same set-up that
+  # `python -m odin_jax.aot` compiles for a TPU slice (step.build).
+  built = step.build(config, mesh, source.num_examples)
+  model = built.model
+  total_steps, warmup_steps = built.total_steps, built.warmup_steps
   replicated = sharding.replicated(mesh)
-  make_state = lambda rng: step.create_train_state(config, model, tx, rng)
-  rng = jax.random.PRNGKey(config.seed)
-  # Replicated, or split over 'data' with sharding.fsdp (sharding.py).
-  state_sharding = sharding.state_shardings(
-      config, mesh, jax.eval_shape(make_state, rng))
-  state = jax.jit(make_state, out_shardings=state_sharding)(rng)
+  state = built.init_state(jax.random.PRNGKey(config.seed))
   mngr = checkpoint.manager(workdir, config.max_to_keep)
-  state = checkpoint.restore_latest(mngr, state, config)
+  state = checkpoint.restore(mngr, state, config, config.get("restore_step"))
   start = int(jax.device_get(state.step))
   preemption = _Preemption(start)   # before the long compile of the step
 
-  schedules = {  # Odin's λ_τ and R2O's K, when the method has them
-      "discovery_rate": step.discovery_rate_schedule(
-          config, max(1, source.num_examples // config.batch_size)),
-      "region_clusters": step.region_clusters_schedule(config, total_steps)}
-  train_step = jax.jit(
-      step.make_train_step(config, model, tx, lr_schedule, ema_schedule, mesh,
-                           **schedules),
-      in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
-      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  discover = step.make_mask_discovery(config, model, **schedules)
+  train_step = built.train_step
+  discover = step.make_mask_discovery(config, model, **built.schedules)
   preview = (_discovery_preview(discover, replicated)
              if discover is not None else None)
   image_every = config.odin.image_every_steps
+  # Data-mask methods: the masks and the ids the loss samples from them.
+  mask_pictures_every = config.mask_pictures_every_steps
+  sampled_preview = (
+      _sampled_masks_preview(config, replicated)
+      if discover is None and mask_pictures_every > 0 and
+      config.loss.name != hiergroup.LOSS_NAME   # pixel pairs, no mask ids
+      else None)
 
   writer = reporting.create_writer(workdir)
   if start == 0:
-    writer.write_hparams(_flat_hparams(config))
+    writer.write_hparams(reporting.flat_config(config))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
       "%s: %d devices, global batch %d, %d steps (%d warm-up), %d examples, "
@@ -201,6 +229,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       source.num_examples, num_params / 1e6, start)
   if start >= total_steps:
     logging.info("Already trained to step %d; nothing to do.", start)
+    if config.eval.get("final_report", False):   # show it again
+      report.final_report(config, workdir, state, reuse_saved=True)
     return state
 
   # Cached Odin masks: the records of the current copy period (refreshed
@@ -210,30 +240,41 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
 
   def input_batches(first_step: int, state):
     data = source if cached is None else cached.source(state, writer)
-    return pipeline.make_train_dataset(
+    return failure.failing_input(pipeline.make_train_dataset(
         config, data, global_batch_size=config.batch_size,
         start_step=first_step, process_index=jax.process_index(),
-        process_count=jax.process_count()).as_numpy_iterator()
+        process_count=jax.process_count()).as_numpy_iterator(), first_step)
 
   batches = input_batches(start, state)
   block = _should_block(config)
   progress = reporting.Progress(total_steps, config.batch_size, start)
   pending = None   # (step number, metrics on device) not yet checked
   interval = reporting.IntervalMean()
+  skipped = skips.SkippedExamples(source, config)   # bad examples
+  collapse = health.CollapseDetector(   # warns once on health/* (health.py)
+      config.model.projector_dim, config.health.std_fraction,
+      config.health.min_rankme, config.health.patience)
+  # Wall seconds in periodic evaluation and checkpoint saves since the last
+  # log: where the time went when steps/s alone looks slow.
+  spent = {"train/eval_seconds": 0.0, "train/checkpoint_seconds": 0.0}
 
   def periodic_eval(state, number: int):
     """config.eval's periodic set on `state`, every eval.every_steps steps."""
     every = config.eval.every_steps
     if every and number % every == 0:
+      started = time.perf_counter()
+      failure.inject("eval", number)
       runner.evaluate(config, workdir, params=state.params,
                       batch_stats=state.batch_stats, step=number,
                       which="periodic", writer=writer)
+      spent["train/eval_seconds"] += time.perf_counter() - started
 
   def finish(pending):
     """Fetches, checks and (periodically) writes one step's metrics."""
     number, device_metrics = pending
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     _check_finite(metrics, number, mngr)
+    progress.step_done(number)   # the first one ends the compiling step
     interval.add(metrics)
     if number % config.log_every_steps == 0 or number == total_steps:
       # Written values are means over the steps since the last write, except
@@ -244,15 +285,26 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
           scalars[k] = metrics[k]
       scalars["train/loss_last_step"] = metrics["train/loss"]
       scalars.update(progress.rates(number))
+      # Summed over hosts; raises BadDataError past dataset.max_bad_fraction.
+      scalars.update(skipped.result())
+      scalars.update(spent)
+      spent.update(dict.fromkeys(spent, 0.0))
       writer.write_scalars(number, scalars)
       if jax.process_index() == 0:
-        logging.info(progress.line(number, scalars))
+        logging.info(progress.line(number, scalars) +
+                     health.console_summary(scalars))
+        collapse.update(number, scalars)
 
-  with preemption, \
+  # On a failure, flush the metrics and let an in-flight save land, each
+  # for a bounded time (failure.py: the process then exits at once).
+  closers = (("metric writer", writer.close), ("checkpoint manager",
+                                                mngr.close))
+  with failure.close_on_failure(*closers), preemption, \
       profiling.StepProfiler(config, workdir) as profiler:
     for number in range(start + 1, total_steps + 1):
       profiler.before_step(number, state)   # config.profile's trace window
       batch = next(batches)
+      skipped.add(batch)   # counts and names the examples it skipped
       device_batch = sharding.to_global(
           mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
       # Before the step, which donates the state: the parameters after
@@ -262,7 +314,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
                                   number % image_every == 0):
         _write_discovery_pictures(writer, number, preview(state, device_batch),
                                   batch)
+      if sampled_preview is not None and (
+          number == start + 1 or number % mask_pictures_every == 0):
+        _write_sampled_masks_pictures(
+            writer, number, sampled_preview(state, device_batch), batch,
+            config.grad_accum_steps)
       state, metrics = train_step(state, device_batch)
+      failure.inject("step", number)
       if pending is not None:
         finish(pending)
       pending = (number, metrics)
@@ -274,7 +332,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
         finish(pending)   # never checkpoint a step whose loss is unchecked
         pending = None
       if save_now:
+        started = time.perf_counter()   # the blocking part of an async save
         checkpoint.save(mngr, state, config)
+        spent["train/checkpoint_seconds"] += time.perf_counter() - started
+        failure.inject("checkpoint", number)   # the save still in flight
       if cached is not None and cached.refresh_due(number) and not stop and \
           number < total_steps:
         mngr.wait_until_finished()   # a refresh takes a while: save first
@@ -286,25 +347,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
         break
     if pending is not None:
       finish(pending)
-  final = int(jax.device_get(state.step))
-  if final == total_steps:
-    periodic_eval(state, final)
-  mngr.wait_until_finished()
+  with failure.close_on_failure(*closers):
+    final = int(jax.device_get(state.step))
+    if final == total_steps:
+      periodic_eval(state, final)
+      if config.eval.get("final_report", False):   # θ vs random init vs FH
+        report.final_report(config, workdir, state)
+    mngr.wait_until_finished()
   writer.flush()
   return state
-
-
-def _flat_hparams(config) -> dict:
-  flat = {}
-
-  def visit(prefix, value):
-    if hasattr(value, "items"):
-      for k, v in value.items():
-        visit(f"{prefix}{k}.", v)
-    else:
-      flat[prefix[:-1]] = value if isinstance(
-          value, (bool, int, float, str)) else str(value)
-
-  visit("", config)
-  return flat
-

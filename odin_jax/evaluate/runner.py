@@ -51,15 +51,20 @@ Evaluations (`EVALUATIONS`; each returns metrics, info and pictures):
                 config.masks; a 1x1 grid becomes 5x5) are scored as proposals
                 too: 'discovery/<m>/...' (DetCon Fig. 7's axis).
   instances     Instance recall (instance-segmentation analysis paper, §3):
-                spectral clustering of the cosine affinity for K in
-                eval.spectral_ks, non-connected components split, recall at
-                IoU >= 0.5 by same-class co-occurrence (1, 2, ..., 6+). Grids
-                with more than eval.spectral_max_cells cells are area-pooled
-                first (the dense affinity is (h w)^2).
+                spectral clustering of the cosine affinity of
+                eval.instance_feature ('auto': a ViT's last-block attention
+                keys 'keys', as the paper; else the discovery features) for
+                K in eval.spectral_ks, non-connected components split; by
+                same-class co-occurrence (1, 2, ..., 6+): 'ar_*' = mean over
+                IoU 0.50:0.05:0.95 of recall (the paper's mean average
+                recall, the headline) and 'recall_*' = recall at IoU >= 0.5.
+                Grids with more than eval.spectral_max_cells cells are
+                area-pooled first (the dense affinity is (h w)^2).
   video         DINO's label propagation (video.py) on generated clips
                 (`video.make_clip`: eval.video_clips clips of
                 eval.video_frames frames, eval.video_objects textured shapes
-                moving over a photo, at the demo resolution); J, F, J&F.
+                moving over a photo, at the demo resolution); J, F, J&F, F
+                with the DAVIS 2017 toolkit's boundary rule.
   linear_probe  Per-pixel linear classifier on frozen features, demo classes
                 (background + 5 shapes); trained on eval.probe_train_images
                 scenes, mIoU on eval.probe_test_images other scenes. On the
@@ -115,10 +120,14 @@ probe_train scenes.
 
 TFDS (never downloaded): eval.tfds_discovery = 'coco/2017_panoptic' adds
 discovery / instances on COCO val2017 (thing instances, crowd regions
-dropped, central square crop resized to eval.tfds_image_size) and
+dropped; Odin App. A.4: the native central square crop resized straight to
+eval.image_size, 1024 for ResNets, and scored there) and
 eval.tfds_video = 'davis/480p' adds DAVIS 2017 val to 'video'; metrics are
 prefixed 'coco/' and 'davis/'. A dataset that is not prepared in
-eval.tfds_data_dir is skipped with a message saying how to prepare it. TFDS
+eval.tfds_data_dir is skipped with a message saying how to prepare it.
+eval.folder_discovery = PATH adds discovery / instances / pictures on your
+own images with instance-id PNG masks (evaluate/datasets.py; COCO's
+protocol; prefix 'folder/'); a bad mask stops the run naming the file. TFDS
 has no PASCAL VOC segmentation masks ('voc' holds boxes only), so the
 linear probe runs on the demo classes only.
 
@@ -128,6 +137,7 @@ default); fields missing from the config take the defaults below.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -140,7 +150,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
+from odin_jax import checkpoint
 from odin_jax.evaluate import discovery
 from odin_jax.evaluate import instances
 from odin_jax.evaluate import pictures
@@ -179,13 +191,26 @@ class EvalSettings:
   mask_baselines: mask sets also scored by 'discovery' ('fh','slic','grid').
   spectral_ks: spectral clustering K's (instance recall).
   spectral_max_cells: larger grids are area-pooled before the affinity.
+  instance_feature: what instance recall clusters: 'auto' = a ViT's 'keys'
+    (last block's attention keys, the instance-segmentation paper's §3),
+    else the discovery features (`feature`); or a feature map name.
   video_clips, video_frames, video_objects: generated clips.
   probe_train_images, probe_test_images, probe_steps: linear probe / k-NN.
   picture_images, picture_k: scenes and K of the discovery panel.
   tfds_discovery: '' or 'coco/2017_panoptic'; tfds_video: '' or
     'davis/480p'; tfds_data_dir: TFDS data_dir (None: TFDS default);
-    tfds_num_images / tfds_num_videos: how many; tfds_image_size: COCO crop
-    side (ground-truth resolution; the network input is image_size).
+    tfds_num_images / tfds_num_videos: how many. COCO's native central
+    square crop is resized straight to image_size, the network input, and
+    scored there (Odin App. A.4).
+  folder_discovery: '' or a folder of images + instance-id PNG masks
+    (evaluate/datasets.py), evaluated like COCO with prefix 'folder/';
+    folder_num_images: the first N images (0: all); folder_mask_encoding:
+    'ids' or 'coco_rgb'; folder_background_ids: mask ids that are not
+    objects.
+  final_report: after training, `report.final_report` prints θ beside ξ,
+    the random init and the FH masks (the demo presets turn it on);
+    report_cache_dir: where the random-init / FH numbers are cached ('':
+    ~/.cache/odin_jax/eval_baselines).
   """
   every_steps: int = 0
   periodic: tuple = ("discovery", "pictures")
@@ -201,6 +226,7 @@ class EvalSettings:
   mask_baselines: tuple = ("fh", "slic", "grid")
   spectral_ks: tuple = instances.DEFAULT_KS
   spectral_max_cells: int = 1024
+  instance_feature: str = "auto"
   video_clips: int = 4
   video_frames: int = 8
   video_objects: int = 2
@@ -214,7 +240,12 @@ class EvalSettings:
   tfds_data_dir: str | None = None
   tfds_num_images: int = 500
   tfds_num_videos: int = 30
-  tfds_image_size: int = 256
+  folder_discovery: str = ""
+  folder_num_images: int = 0
+  folder_mask_encoding: str = "ids"
+  folder_background_ids: tuple = (0,)
+  final_report: bool = False
+  report_cache_dir: str = ""
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EvalSettings)}
@@ -336,60 +367,25 @@ def _check_same_structure(restored, expected, what: str, directory) -> None:
 
 def restore_checkpoint(workdir: str, step: int | None = None, *,
                        with_state: bool = True):
-  """Raw contents of workdir/checkpoints/<step> (latest if None).
-
-  Returns (state, meta, step): `state` the saved TrainState as a dict of
-  host numpy arrays whatever devices wrote it (None when with_state=False:
-  then only the small JSON record is read), `meta` its JSON record
-  ({'step', 'method', 'config': config JSON}). Shared by `load_params` and
-  `python -m odin_jax.export`, which takes the config from `meta`.
-  Raises:
-    FileNotFoundError: no checkpoint; ValueError: unknown step.
-  """
-  import orbax.checkpoint as ocp
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  hint = (f"Train first (python -m odin_jax.main --config=... "
-          f"--workdir={workdir}).")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoint directory {directory}. {hint}")
-  mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
-  try:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {directory}. {hint}")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise ValueError(f"No checkpoint for step {step} in {directory}; "
-                       f"available: {steps}.")
-    items = {"meta": ocp.args.JsonRestore()}
-    if with_state:
-      tree = mngr.item_metadata(step)["state"]
-      tree = getattr(tree, "tree", tree)
-      restore_args = jax.tree.map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      items["state"] = ocp.args.PyTreeRestore(restore_args=restore_args)
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  finally:
-    mngr.close()
-  return restored["state"] if with_state else None, restored["meta"], step
+  """(state, meta, step) of a checkpoint as host numpy arrays: see
+  `odin_jax.checkpoint.read`, the one reader shared with training and
+  export (URL-aware; falls back past an unreadable newest step)."""
+  return checkpoint.read(workdir, step, with_state=with_state)
 
 
 def load_params(config, workdir: str, step: int | None = None,
                 params_key: str = "params"):
   """Network parameters of a checkpoint: (params, batch_stats, step).
 
-  Restores workdir/checkpoints/<step> (latest if None) as host numpy arrays
-  whatever devices wrote it, without needing the TrainState structure of
-  the code that wrote it (only params_key and batch_stats are kept, and
+  Restores workdir/checkpoints/<step> (the newest readable if None; see
+  `checkpoint.read`) as host numpy arrays whatever devices wrote it,
+  without needing the TrainState structure of the code that wrote it (only params_key and batch_stats are kept, and
   checked against the network `config` describes).
 
   Args:
     config: the run's config (its model.* fields define the network).
-    workdir: the training workdir.
-    step: checkpoint step; None = latest.
+    workdir: the training workdir (a local path or a URL, gs://...).
+    step: checkpoint step; None = the newest readable.
     params_key: 'params' (online θ), 'target_params' (EMA ξ) or
       'discovery_params' (Odin's τ).
   Raises:
@@ -399,9 +395,9 @@ def load_params(config, workdir: str, step: int | None = None,
   if params_key not in PARAM_KEYS:
     raise ValueError(f"params_key must be one of {PARAM_KEYS}, got "
                      f"{params_key!r}.")
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = checkpoint.checkpoint_dir(workdir)
   try:
-    state, meta, step = restore_checkpoint(workdir, step)
+    state, meta, step = checkpoint.read(workdir, step)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e} Or evaluate --source=random.") from None
   _warn_config_differences(meta, config, directory)
@@ -659,9 +655,10 @@ def _gt(scenes: Scenes, i: int):
                                             scenes.classes[i])
 
 
-def _score_discovery(scenes: Scenes, maps) -> dict:
-  """maps int [N, S', H, W] (S' segmentations per image) -> mean metrics."""
-  acc = discovery.DiscoveryAccumulator()
+def _score_discovery(scenes: Scenes, maps, acc=None) -> dict:
+  """maps int [N, S', H, W] (S' segmentations per image) -> mean metrics
+  (over these images, or everything `acc` has seen when one is passed)."""
+  acc = acc if acc is not None else discovery.DiscoveryAccumulator()
   for i in range(len(maps)):
     masks, classes = _gt(scenes, i)
     acc.update(masks, classes, segment_maps=maps[i])
@@ -806,21 +803,61 @@ def _pool_cells(features, max_cells: int) -> np.ndarray:
   return np.einsum("iy,yxd,jx->ijd", rows, features, cols).astype(np.float32)
 
 
-def _score_instances(prefix: str, scenes: Scenes, maps_fn) -> Output:
-  acc = instances.InstanceRecallAccumulator()
+def _score_instances(prefix: str, scenes: Scenes, maps_fn,
+                     acc=None) -> Output:
+  """Adds scenes' instances (proposals maps_fn(i) int [S', H, W]) to acc
+  (default: a new one) and returns the metrics of everything acc holds:
+  '<prefix>/ar_<col>' (AR over IoU 0.5:0.95, the headline) and
+  '<prefix>/recall_<col>' (R@0.5), col in 1..5, 6+, all."""
+  acc = acc if acc is not None else instances.InstanceRecallAccumulator()
   for i in range(len(scenes.images)):
     masks, classes = _gt(scenes, i)
     acc.update(masks, classes, segment_maps=maps_fn(i))
   result = acc.result()
   out = Output()
   # Columns without any instance (NaN) go to info only, not to the curves.
-  for name in instances.CO_OCCURRENCE_BINS + ("all",):
-    value = float(result[f"recall_{name}"])
-    if math.isfinite(value):
-      out.metrics[f"{prefix}/recall_{name}"] = value
+  for kind in ("ar", "recall"):
+    for name in instances.CO_OCCURRENCE_BINS + ("all",):
+      value = float(result[f"{kind}_{name}"])
+      if math.isfinite(value):
+        out.metrics[f"{prefix}/{kind}_{name}"] = value
   for name in instances.CO_OCCURRENCE_BINS:
     out.info[f"{prefix}/count_{name}"] = int(result[f"count_{name}"])
   return out
+
+
+def instance_feature(ctx: _Context) -> str:
+  """The feature instance recall clusters (eval.instance_feature): 'auto' =
+  a ViT's last-block attention keys ('keys', the paper's §3), else the
+  discovery features."""
+  name = ctx.settings.instance_feature
+  if name != "auto":
+    return name
+  if ctx.config.model.get("backbone", "resnet") == "vit":
+    return "keys"
+  return ctx.features.feature
+
+
+def _instance_features(ctx: _Context, images, discovery_feats=None):
+  """Features [N, h, w, D] for instance recall: discovery_feats (or the
+  scenes' cached ones) when the feature is the same, else another pass of
+  the same network (a copy of ctx.features naming the other map)."""
+  feature = instance_feature(ctx)
+  if feature == ctx.features.feature:
+    if discovery_feats is not None:
+      return discovery_feats
+    return ctx.features(images)
+  source = copy.copy(ctx.features)
+  source.feature = feature
+  return source(images)
+
+
+def _instance_maps(ctx: _Context, feats, key, image_hw):
+  """Pooled spectral proposals int32 [N, len(spectral_ks), H, W] of feats
+  [N, h, w, D], and the pooled grid (h', w')."""
+  s = ctx.settings
+  pooled = np.stack([_pool_cells(f, s.spectral_max_cells) for f in feats])
+  return _spectral_maps(ctx, pooled, key, image_hw), pooled.shape[1:3]
 
 
 def eval_instances(ctx: _Context) -> Output:
@@ -829,12 +866,15 @@ def eval_instances(ctx: _Context) -> Output:
   scenes = ctx.scenes(s.num_images)
   hw = scenes.instances.shape[1:]
   if ctx.features is not None:
-    feats = ctx.scene_features(s.num_images)
-    pooled = np.stack([_pool_cells(f, s.spectral_max_cells) for f in feats])
-    maps = _spectral_maps(ctx, pooled, ctx.stream("instances"), hw)
+    same = instance_feature(ctx) == ctx.features.feature
+    feats = _instance_features(
+        ctx, scenes.images,
+        ctx.scene_features(s.num_images) if same else None)
+    maps, grid = _instance_maps(ctx, feats, ctx.stream("instances"), hw)
     out = _score_instances("instances", scenes, lambda i: maps[i])
-    out.info["instances/grid"] = list(pooled.shape[1:3])
+    out.info["instances/grid"] = list(grid)
     out.info["instances/ks"] = list(s.spectral_ks)
+    out.info["instances/feature"] = instance_feature(ctx)
     return out
   segs = scenes.segments(ctx.mask_method)
   return _score_instances(
@@ -1057,63 +1097,168 @@ def coco_panoptic_instances(example: dict):
   return inst, cls
 
 
-def _coco_scenes(ctx: _Context) -> Scenes | None:
+# COCO images held in memory at once (at 1024 px: 3 MB of pixels and 8 MB of
+# instance / class maps per image, plus its features).
+_COCO_CHUNK = 32
+
+
+def _coco_scene_chunks(ctx: _Context, chunk: int = _COCO_CHUNK):
+  """COCO val2017 thing instances as Scenes, `chunk` images at a time.
+
+  Odin App. A.4: the native central square crop of each image is resized
+  straight to eval.image_size (the network input: 1024 for ResNets, 448
+  for ViTs), image bilinear and instance / class maps nearest, and the
+  masks are scored at that size. Images without a thing instance in the
+  crop are skipped. Yields nothing (after a warning) when the dataset is
+  not prepared or not coco/2017_panoptic.
+  """
   s = ctx.settings
   ok, message = tfds_prepared(s.tfds_discovery, s.tfds_data_dir)
   if not ok:
     logging.warning(message)
-    return None
+    return
   if not s.tfds_discovery.startswith("coco/") or "panoptic" not in \
       s.tfds_discovery:
     logging.warning("tfds_discovery=%r: only coco/2017_panoptic (instance "
                     "masks) is supported; skipping.", s.tfds_discovery)
-    return None
-  size = s.tfds_image_size
+    return
+  examples = ((ex["image"], *coco_panoptic_instances(ex))
+              for ex in _tfds_examples(s.tfds_discovery, "validation",
+                                       s.tfds_data_dir, s.tfds_num_images))
+  yield from _square_scene_chunks(
+      examples, int(s.image_size), chunk,
+      tuple(str(i) for i in range(1, _COCO_THINGS + 1)))
+
+
+def _no_segments(method):
+  raise ValueError(f"mask set {method!r}: mask sets are computed for the "
+                   "demo scenes only")
+
+
+def _square_scene_chunks(examples, size: int, chunk: int,
+                         class_names: tuple):
+  """(image uint8 [H, W, 3], instances int [H, W], classes int [H, W]) at
+  native size -> Scenes of `chunk` central square crops resized to size
+  (Odin App. A.4: image bilinear, maps nearest). Crops without an instance
+  are skipped."""
   images, insts, classes = [], [], []
-  for ex in _tfds_examples(s.tfds_discovery, "validation", s.tfds_data_dir,
-                           s.tfds_num_images):
-    inst, cls = coco_panoptic_instances(ex)
+
+  def scenes():
+    return Scenes(np.stack(images), np.stack(insts), np.stack(classes),
+                  class_names, _no_segments)
+
+  for image, inst, cls in examples:
     inst = _center_square(inst, size, 0)
     if inst.max() == 0:
       continue
-    images.append(_center_square(ex["image"], size, 1))
+    images.append(_center_square(image, size, 1))
     insts.append(inst)
     classes.append(_center_square(cls, size, 0))
-  if not images:
-    logging.warning("No COCO image with a thing instance; skipping.")
-    return None
+    if len(images) == chunk:
+      yield scenes()
+      images, insts, classes = [], [], []
+  if images:
+    yield scenes()
 
-  def no_segments(method):
-    raise ValueError("mask sets are computed for the demo scenes only")
-  return Scenes(np.stack(images), np.stack(insts), np.stack(classes),
-                tuple(str(i) for i in range(1, _COCO_THINGS + 1)),
-                no_segments)
+
+def _coco_scenes(ctx: _Context) -> Scenes | None:
+  """All COCO scenes of `_coco_scene_chunks` in one Scenes (None if none)."""
+  chunks = list(_coco_scene_chunks(ctx))
+  if not chunks:
+    return None
+  return Scenes(*(np.concatenate([getattr(c, f) for c in chunks])
+                  for f in ("images", "instances", "classes")),
+                chunks[0].class_names, chunks[0].segments)
 
 
 def eval_coco(ctx: _Context, which: Sequence[str]) -> Output | None:
   """discovery / instances on COCO val2017 (coco/ prefix), if prepared."""
   if ctx.features is None:
     return None
-  scenes = _coco_scenes(ctx)
-  if scenes is None:
-    return None
+  which = [w for w in which if w != "pictures"]  # COCO: metrics only
+  out = _eval_scene_chunks(ctx, which, "coco", _coco_scene_chunks(ctx))
+  if out is None:
+    logging.warning("No COCO image with a thing instance; skipping.")
+  return out
+
+
+def _folder_scene_chunks(ctx: _Context, chunk: int = _COCO_CHUNK):
+  """eval.folder_discovery's images and instance masks (evaluate/
+  datasets.py) as Scenes, by COCO's protocol (`_square_scene_chunks`)."""
+  from odin_jax.evaluate import datasets
   s = ctx.settings
-  hw = scenes.instances.shape[1:]
-  feats = ctx.features(scenes.images)
+  examples = ((image, inst, (inst > 0).astype(np.int32))
+              for _, image, inst in datasets.folder_examples(
+                  s.folder_discovery, s.folder_num_images,
+                  s.folder_mask_encoding, s.folder_background_ids))
+  yield from _square_scene_chunks(examples, int(s.image_size), chunk,
+                                  ("object",))
+
+
+def eval_folder(ctx: _Context, which: Sequence[str]) -> Output | None:
+  """discovery / instances / pictures on eval.folder_discovery (folder/
+  prefix): your own images with instance-id PNG masks."""
+  if ctx.features is None:
+    logging.warning("eval.folder_discovery needs a network (--source="
+                    "checkpoint or random); skipped for masks:%s.",
+                    ctx.mask_method)
+    return None
+  out = _eval_scene_chunks(ctx, which, "folder", _folder_scene_chunks(ctx))
+  if out is None:
+    raise ValueError(f"eval.folder_discovery={ctx.settings.folder_discovery}"
+                     ": no image has an instance (a mask id outside "
+                     f"eval.folder_background_ids="
+                     f"{ctx.settings.folder_background_ids}) in its central "
+                     "square crop.")
+  return out
+
+
+def _eval_scene_chunks(ctx: _Context, which: Sequence[str], prefix: str,
+                       chunks) -> Output | None:
+  """discovery / instances (and 'pictures': the first chunk's first
+  picture_images panels) of Scenes `chunks`, metrics '<prefix>/...'.
+
+  Scored at eval.image_size chunk by chunk: chunk c clusters with
+  fold_in(stream, c). None when `chunks` is empty.
+  """
+  disc_acc = discovery.DiscoveryAccumulator()
+  inst_acc = instances.InstanceRecallAccumulator()
   out = Output()
-  if "discovery" in which:
-    ks = ctx.ks(feats.shape[1:3])
-    maps = _kmeans_maps(ctx, feats, ks, ctx.stream("discovery"), hw)
-    metrics, info = _discovery_metrics("coco/discovery",
-                                       _score_discovery(scenes, maps))
-    out.metrics.update(metrics)
-    out.info.update(info)
-  if "instances" in which:
-    pooled = np.stack([_pool_cells(f, s.spectral_max_cells) for f in feats])
-    maps = _spectral_maps(ctx, pooled, ctx.stream("instances"), hw)
-    sub = _score_instances("coco/instances", scenes, lambda i: maps[i])
-    out.metrics.update(sub.metrics)
-    out.info.update(sub.info)
+  num_chunks = 0
+  for c, scenes in enumerate(chunks):
+    num_chunks += 1
+    hw = scenes.instances.shape[1:]
+    feats = ctx.features(scenes.images)
+    if "discovery" in which:
+      ks = ctx.ks(feats.shape[1:3])
+      maps = _kmeans_maps(ctx, feats, ks,
+                          jax.random.fold_in(ctx.stream("discovery"), c), hw)
+      metrics, info = _discovery_metrics(
+          f"{prefix}/discovery", _score_discovery(scenes, maps, disc_acc))
+      out.metrics.update(metrics)
+      out.info.update(info)
+    if "instances" in which:
+      inst_feats = _instance_features(ctx, scenes.images, feats)
+      maps, grid = _instance_maps(
+          ctx, inst_feats, jax.random.fold_in(ctx.stream("instances"), c), hw)
+      sub = _score_instances(f"{prefix}/instances", scenes, lambda i: maps[i],
+                             inst_acc)
+      out.metrics.update(sub.metrics)
+      out.info.update(sub.info)
+      out.info[f"{prefix}/instances/grid"] = list(grid)
+      out.info[f"{prefix}/instances/feature"] = instance_feature(ctx)
+    if "pictures" in which and c == 0:
+      n = min(int(ctx.settings.picture_images), len(scenes.images))
+      k = min(int(ctx.settings.picture_k), max(ctx.ks(feats.shape[1:3])))
+      segs = _kmeans_maps(ctx, feats[:n], (k,), ctx.stream("pictures"),
+                          hw)[:, 0]
+      panels = [pictures.discovery_panel(scenes.images[i],
+                                         scenes.instances[i], segs[i],
+                                         feats[i]) for i in range(n)]
+      out.pictures[f"{prefix}/discovery"] = pictures.stack_rows(panels)
+  if num_chunks == 0:
+    return None
+  out.info[f"{prefix}/image_size"] = int(ctx.settings.image_size)
   return out
 
 
@@ -1215,6 +1360,11 @@ def evaluate(config, workdir: str, *, params=None, batch_stats=None,
     raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
   mask_method = source.split(":", 1)[1] if source.startswith("masks:") \
       else None
+  if settings.folder_discovery:  # a bad mask stops before any compute
+    from odin_jax.evaluate import datasets
+    datasets.check_folder(settings.folder_discovery,
+                          settings.folder_num_images,
+                          settings.folder_mask_encoding)
   features = None
   if params is not None:
     if source != "checkpoint":
@@ -1251,13 +1401,23 @@ def evaluate(config, workdir: str, *, params=None, batch_stats=None,
     info.update(out.info)
     images.update(out.pictures)
     logging.info("Evaluation %s (%s) took %.1fs.", name, tag, timings[name])
-  if settings.tfds_discovery and {"discovery", "instances"} & set(which):
+  # Scene datasets beyond the demo: (name, enabled, evaluations it serves,
+  # driver). COCO gives no pictures; its driver returns none.
+  scene_sets = (
+      ("coco", settings.tfds_discovery, {"discovery", "instances"},
+       eval_coco),
+      ("folder", settings.folder_discovery,
+       {"discovery", "instances", "pictures"}, eval_folder))
+  for name, enabled, serves, driver in scene_sets:
+    if not enabled or not serves & set(which):
+      continue
     start = time.time()
-    out = eval_coco(ctx, which)
-    timings["coco"] = round(time.time() - start, 3)
+    out = driver(ctx, which)
+    timings[name] = round(time.time() - start, 3)
     if out is not None:
       metrics.update(out.metrics)
       info.update(out.info)
+      images.update(out.pictures)
 
   title = (f"Evaluation of {source}"
            f"{' (' + params_key + ')' if params_key != 'params' else ''} "
@@ -1279,7 +1439,8 @@ def evaluate(config, workdir: str, *, params=None, batch_stats=None,
 
 
 def results_path(workdir: str, tag: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "eval", f"results_{tag}.json")
+  """workdir/eval/results_<tag>.json (workdir a local path or a URL)."""
+  return str(checkpoint.as_path(workdir) / "eval" / f"results_{tag}.json")
 
 
 def _write_outputs(workdir, tag, source, step, params_key, settings, metrics,
@@ -1287,18 +1448,18 @@ def _write_outputs(workdir, tag, source, step, params_key, settings, metrics,
   """Writes the PNGs and (merged with an earlier file) the JSON."""
   if jax.process_index() != 0:
     return []
-  out_dir = os.path.join(os.path.abspath(workdir), "eval", tag)
+  # epath, not os: a gs:// workdir is written where its checkpoints are.
+  out_dir = checkpoint.as_path(workdir) / "eval" / tag
   paths = {}
   for name, image in images.items():
-    path = os.path.join(out_dir, f"{name}.png")
+    path = str(out_dir / f"{name}.png")
     pictures.save_png(path, image)
     paths[name] = path
-  json_path = results_path(workdir, tag)
+  json_path = epath.Path(results_path(workdir, tag))
   record = {"metrics": {}, "info": {}, "pictures": {}, "seconds": {}}
-  if os.path.exists(json_path):
+  if json_path.exists():
     try:
-      with open(json_path, encoding="utf-8") as f:
-        record.update(json.load(f))
+      record.update(json.loads(json_path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
       logging.warning("Overwriting unreadable %s.", json_path)
   record.update({"source": source, "step": int(step), "params": params_key,
@@ -1307,12 +1468,12 @@ def _write_outputs(workdir, tag, source, step, params_key, settings, metrics,
   record["info"].update(info)
   record["pictures"].update(paths)
   record["seconds"].update(timings)
-  os.makedirs(os.path.dirname(json_path), exist_ok=True)
-  tmp = json_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1, sort_keys=True, default=_to_json)
-  os.replace(tmp, json_path)
-  return [json_path] + list(paths.values())
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = json_path.with_name(json_path.name + ".tmp")
+  tmp.write_text(json.dumps(record, indent=1, sort_keys=True,
+                            default=_to_json), encoding="utf-8")
+  tmp.replace(json_path)
+  return [str(json_path)] + list(paths.values())
 
 
 def _to_json(value: Any):
