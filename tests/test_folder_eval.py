@@ -11,11 +11,8 @@ message naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -25,9 +22,8 @@ from skimage import transform
 from configs import detcon_b
 from odin_jax.evaluate import datasets
 from odin_jax.evaluate import runner
-from tests.test_tfds_eval import _central_square  # pylint: disable=g-bad-import-order
+from tests.test_tfds_eval import _central_square, run_eval_cli  # pylint: disable=g-bad-import-order
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64   # eval.image_size in these tests
 # (relative image path, (H, W), mask PIL mode, raw object ids).
 IMAGES = (("a.jpg", (48, 64), "P", (3, 7)),
@@ -135,16 +131,7 @@ def test_cli_on_a_folder(folder, tmp_path):
   sets = {"folder_discovery": folder, "folder_background_ids": "0,255",
           "image_size": SIZE, "num_images": 2, "picture_images": 2,
           "spectral_ks": "2,3", "mask_baselines": "grid"}
-  proc = subprocess.run(
-      [sys.executable, "-m", "odin_jax.evaluate",
-       "--config=configs/detcon_b.py:test", f"--workdir={tmp_path}",
-       "--source=random", "--evals=discovery,instances,pictures",
-       "--tensorboard=false", *[f"--set={k}={v}" for k, v in sets.items()]],
-      cwd=REPO, capture_output=True, text=True, env=dict(os.environ),
-      timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / "eval" / "results_random.json", encoding="utf-8") as f:
-    record = json.load(f)
+  proc, record = run_eval_cli(tmp_path, "discovery,instances,pictures", sets)
   metrics, info = record["metrics"], record["info"]
   for name in ("folder/discovery/abo_instance", "folder/discovery/abo_class",
                "folder/discovery/or_instance", "folder/instances/ar_all",

@@ -8,7 +8,6 @@ import pytest
 
 from configs import detcon_b
 from odin_jax import health, sharding, step
-from odin_jax.models import heads
 
 
 def _np_projection_std(z):

@@ -342,6 +342,22 @@ def test_davis_propagation_still_vs_moving(tfds_dir):
   assert still["JF_mean"] > moving["JF_mean"] + 0.15
 
 
+def run_eval_cli(workdir, evals: str, sets: dict):
+  """`python -m odin_jax.evaluate` on the :test network at random init with
+  --set=KEY=VALUE for each of `sets`; returns (process, results JSON)."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "odin_jax.evaluate",
+       "--config=configs/detcon_b.py:test", f"--workdir={workdir}",
+       "--source=random", f"--evals={evals}", "--tensorboard=false",
+       *[f"--set={k}={v}" for k, v in sets.items()]],
+      cwd=REPO, capture_output=True, text=True, env=dict(os.environ),
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "eval", "results_random.json"),
+            encoding="utf-8") as f:
+    return proc, json.load(f)
+
+
 def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
   data_dir, truth, clips = tfds_dir
   sets = {"tfds_discovery": COCO, "tfds_video": DAVIS,
@@ -350,17 +366,8 @@ def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
           "image_size": COCO_SIZE,
           "spectral_ks": "2,3", "mask_baselines": "grid",
           "video_frames": 4}
-  proc = subprocess.run(
-      [sys.executable, "-m", "odin_jax.evaluate",
-       "--config=configs/detcon_b.py:test", f"--workdir={tmp_path}",
-       "--source=random", "--evals=discovery,instances,video",
-       "--tensorboard=false", *[f"--set={k}={v}" for k, v in sets.items()]],
-      cwd=REPO, capture_output=True, text=True, env=dict(os.environ),
-      timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc, record = run_eval_cli(tmp_path, "discovery,instances,video", sets)
   assert "not prepared" not in proc.stderr
-  with open(tmp_path / "eval" / "results_random.json", encoding="utf-8") as f:
-    record = json.load(f)
   metrics, info = record["metrics"], record["info"]
   for name in ("coco/discovery/abo_instance", "coco/discovery/abo_class",
                "coco/discovery/or_instance", "coco/instances/recall_all",
