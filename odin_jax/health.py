@@ -31,6 +31,9 @@ from absl import logging
 # Added to each normalised singular value before the entropy (RankMe eq. 1):
 # keeps log finite for exactly-zero singular values.
 RANKME_EPS = 1e-7
+# The metric names `metrics` returns (the train step logs them).
+STD, RANKME = "health/projection_std", "health/rankme"
+NAMES = (STD, RANKME)
 
 
 def _rows(z: jax.Array, valid: jax.Array | None):
@@ -113,16 +116,14 @@ def metrics(projections, valid=None) -> dict[str, jax.Array]:
     mask = jnp.concatenate([
         jnp.ones(x.shape[:-1], bool).reshape(-1) if v is None
         else jnp.reshape(v, (-1,)) for x, v in zip(projections, valid)])
-  return {"health/projection_std": projection_std(z, mask),
-          "health/rankme": rankme(z, mask)}
+  return {STD: projection_std(z, mask), RANKME: rankme(z, mask)}
 
 
 def console_summary(scalars: dict) -> str:
   """' proj std 0.061 rankme 87.2' for the console line ('' without them)."""
-  if "health/projection_std" not in scalars:
+  if STD not in scalars:
     return ""
-  return (f" proj std {scalars['health/projection_std']:.3g}"
-          f" rankme {scalars['health/rankme']:.3g}")
+  return f" proj std {scalars[STD]:.3g} rankme {scalars[RANKME]:.3g}"
 
 
 class CollapseDetector:
@@ -146,8 +147,8 @@ class CollapseDetector:
 
   def collapsed(self, scalars: dict) -> bool:
     """Whether these logged scalars are in the collapsed range."""
-    std = scalars.get("health/projection_std")
-    rank = scalars.get("health/rankme")
+    std = scalars.get(STD)
+    rank = scalars.get(RANKME)
     return ((std is not None and std < self.std_threshold) or
             (rank is not None and rank < self.min_rankme))
 
@@ -167,7 +168,7 @@ class CollapseDetector:
         "ema.base_decay (BYOL/DetCon-B), a lower loss.temperature, or "
         "check that the two views differ (augment.*) and the masks are "
         "not all one segment (train/segments_per_view).", step_number,
-        scalars.get("health/projection_std", float("nan")),
+        scalars.get(STD, float("nan")),
         self.projection_dim, 1 / math.sqrt(self.projection_dim),
         self.std_threshold, scalars.get("health/rankme", float("nan")),
         self.min_rankme, self.patience)

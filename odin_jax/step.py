@@ -530,7 +530,7 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
         return (stats, grad_sum, loss_sum + l, seg_sum + s, check_sum), None
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       no_checks = {name: jnp.zeros((), jnp.float32) for name in (
-          HEALTH_METRICS if track_health and not pixel_level else ())}
+          health.NAMES if track_health and not pixel_level else ())}
       (stats, grads, loss, segs, checks), _ = jax.lax.scan(
           accumulate, (state.batch_stats, zeros, 0.0, 0.0, no_checks),
           (_micro_batches(batch, k), keys["loss"]))
@@ -570,10 +570,6 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
     return new_state, metrics
 
   return train_step
-
-
-# The health.metrics names forward_loss adds (when config.health.enabled).
-HEALTH_METRICS = ("health/projection_std", "health/rankme")
 
 
 def _without_health(forward_loss: Callable) -> Callable:
