@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # step_time
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from odin_jax import numerics  # noqa: E402
 from odin_jax.discovery import kmeans as km  # noqa: E402
 
 
@@ -41,9 +42,9 @@ def synthetic_features(rng, batch: int, size: int, dim: int,
     seeds = rng.random((regions, 2)) * size
     label = ((cells[:, None] - seeds[None]) ** 2).sum(-1).argmin(1)
     mu = rng.normal(size=(regions, dim))
-    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    mu = numerics.l2_normalize(mu)
     f = mu[label] + noise / np.sqrt(dim) * rng.normal(size=(size * size, dim))
-    out[b] = f / np.linalg.norm(f, axis=1, keepdims=True)
+    out[b] = numerics.l2_normalize(f)
   return out
 
 
@@ -253,7 +254,7 @@ def _discovery_runners(config) -> dict:
                           span).compile()
   z = project(state.discovery_params, state.batch_stats, span)
   b, h, w, d = z.shape
-  z = step_lib._unit(z.reshape(b, h * w, d))   # pylint: disable=protected-access
+  z = numerics.l2_normalize(z.reshape(b, h * w, d))
   o = config.odin
   cluster = jax.jit(lambda z, key: km.kmeans(z, o.num_clusters, key,
                                              num_iters=o.kmeans_iters)[0])

@@ -29,8 +29,8 @@ from PIL import Image  # noqa: E402
 
 from odin_jax.data import demo  # noqa: E402
 from odin_jax.data import masks  # noqa: E402
-from odin_jax.data import precompute  # noqa: E402
 from odin_jax.data import records  # noqa: E402
+from odin_jax.data.records import precompute  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle",
           "immunohistochemistry", "camera", "coins", "brick", "grass")

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from odin_jax import numerics
+
 # Added to each normalised singular value before the entropy (RankMe eq. 1):
 # keeps log finite for exactly-zero singular values.
 RANKME_EPS = 1e-7
@@ -58,7 +60,7 @@ def projection_std(z: jax.Array, valid: jax.Array | None = None
     all valid rows point the same way (population std, ddof 0).
   """
   z, w = _rows(z, valid)
-  unit = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  unit = numerics.l2_normalize(z)
   count = jnp.maximum(jnp.sum(w), 1.0)
   mean = jnp.sum(unit * w[:, None], axis=0) / count                   # [D]
   var = jnp.sum(jnp.square(unit - mean) * w[:, None], axis=0) / count

@@ -61,6 +61,8 @@ import jax.numpy as jnp
 
 from odin_jax import objects
 from odin_jax.models import resnet
+from odin_jax.numerics import MASKED as _MASKED  # a finite -inf
+from odin_jax.numerics import l2_normalize
 
 LOSS_NAME = "hiergroup"
 # hiergroup.objective: 'log_likelihood' (-log p at T = loss.temperature, the
@@ -68,7 +70,6 @@ LOSS_NAME = "hiergroup"
 OBJECTIVES = ("log_likelihood", "paper")
 # A finite stand-in for -inf (as in losses.py): masked logits get exactly
 # zero gradient and rows with every column masked stay NaN-free.
-_MASKED = -1e9
 
 
 def embedding_grid(config) -> tuple[int, int]:
@@ -286,10 +287,6 @@ def cross_image_negatives(key, emb1, emb2, num_anchors: int, num: int):
 
 
 # ------------------------------------------------------------------- loss --
-def _unit(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def pixel_contrastive_loss(anchors, positives, negatives, anchor_valid,
                            pos_valid, neg_valid, temperature: float = 0.1,
                            objective: str = "log_likelihood"):
@@ -312,7 +309,7 @@ def pixel_contrastive_loss(anchors, positives, negatives, anchor_valid,
   if objective not in OBJECTIVES:
     raise ValueError(f"hiergroup.objective={objective!r}; choose one of "
                      f"{OBJECTIVES}.")
-  a, p, n = _unit(anchors), _unit(positives), _unit(negatives)
+  a, p, n = map(l2_normalize, (anchors, positives, negatives))
   s_pos = jnp.einsum("bvad,bapd->bvap", a, p) / temperature
   s_neg = jnp.einsum("bvad,band->bvan", a, n) / temperature
   s_neg = jnp.where(neg_valid[:, None], s_neg, _MASKED)

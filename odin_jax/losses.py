@@ -57,15 +57,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-# A finite stand-in for -inf: keeps gradients of masked logits exactly zero
-# without producing NaNs in rows whose every column is masked.
-_MASKED = -1e9
-
-
-def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12):
-  """x / max(||x||, eps) along `axis`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+from odin_jax.numerics import MASKED as _MASKED  # a finite -inf
+from odin_jax.numerics import l2_normalize
 
 
 def _first_occurrence(ids: jnp.ndarray) -> jnp.ndarray:

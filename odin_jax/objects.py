@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from odin_jax import numerics
+
 # Row id meaning "no mask": it matches no cell (pools to zeros) and the
 # losses give rows with a negative id weight 0 and never use them as
 # negatives. Data and discovered segment ids are >= 0.
@@ -30,19 +32,6 @@ PAD_ID = -1
 
 # loss.mask_sampling values (see the module docstring).
 MASK_SAMPLING = ("per_view", "shared", "all")
-
-
-def _nearest_resize(segments: jnp.ndarray, height: int, width: int):
-  """Nearest-neighbour resize of an id map [B, H, W] (never mixes ids).
-
-  Output pixel i samples the input pixel under its centre, floor((i + 0.5) *
-  H_in / H_out): the rule of tf.image.resize(method='nearest'), which the
-  input pipeline and discovery.mapping use too.
-  """
-  _, h_in, w_in = segments.shape
-  rows = ((2 * jnp.arange(height) + 1) * h_in) // (2 * height)
-  cols = ((2 * jnp.arange(width) + 1) * w_in) // (2 * width)
-  return segments[:, rows][:, :, cols]
 
 
 def _mode_last_axis(values: jnp.ndarray) -> jnp.ndarray:
@@ -82,7 +71,9 @@ def downsample_segments(segments: jnp.ndarray, grid: tuple[int, int]):
   gh, gw = grid
   bh, bw = -(-height // gh), -(-width // gw)
   if (bh * gh, bw * gw) != (height, width):
-    segments = _nearest_resize(segments, bh * gh, bw * gw)
+    # The pixel-centre rule of tf.image.resize(method='nearest'), as the
+    # input pipeline and discovery.mapping resize.
+    segments = numerics.resize_nearest(segments, (bh * gh, bw * gw))
   blocks = segments.reshape(b, gh, bh, gw, bw).transpose(0, 1, 3, 2, 4)
   return _mode_last_axis(blocks.reshape(b, gh, gw, bh * bw))
 

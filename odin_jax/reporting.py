@@ -17,6 +17,8 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
+from odin_jax import numerics
+
 
 def _open(path: str, mode: str):
   """open() for local paths; TensorFlow's gfile for URLs (gs://bucket/run),
@@ -80,15 +82,9 @@ def _readable(value) -> bool | int | float | str:
   return str(value)
 
 
-def _leaves(config, prefix: str = "") -> list[tuple[str, Any]]:
+def _leaves(config) -> list[tuple[str, Any]]:
   """(dotted name, value) of every leaf field of a ConfigDict."""
-  out = []
-  for k, v in config.items():
-    if hasattr(v, "items"):   # a nested ConfigDict
-      out += _leaves(v, f"{prefix}{k}.")
-    else:
-      out.append((prefix + k, v))
-  return out
+  return list(numerics.flatten_config(config).items())
 
 
 def flat_config(config) -> dict[str, bool | int | float | str]:

@@ -193,7 +193,7 @@ def test_nothing_loadable_gives_a_counted_blank(tmp_path):
 def _corrupt_records(folder, out):
   """Precomputed records of `folder` (2 shards) with record 1's JPEG cut and
   record 2's mask PNG cut; returns the source's 'id's of all records."""
-  from odin_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  from odin_jax.data.records import precompute  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   precompute.run(precompute.Options(
       source=f"folder:{folder}", output_dir=str(out), masks=("grid:size=3",),

@@ -23,7 +23,8 @@ from skimage import transform
 
 from configs import hiergroup as hiergroup_config
 from odin_jax import config_check, hiergroup, reporting, step, train
-from odin_jax.data import hierarchy, pipeline, precompute, records, sources
+from odin_jax.data import hierarchy, pipeline, records, sources
+from odin_jax.data.records import precompute
 from odin_jax.evaluate import runner
 from odin_jax.models import heads
 

@@ -205,7 +205,8 @@ def test_fh_opencv_precompute_round_trip(tmp_path):
   pytest.importorskip("cv2")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from odin_jax.data import precompute, records  # pylint: disable=g-import-not-at-top
+  from odin_jax.data import records  # pylint: disable=g-import-not-at-top
+  from odin_jax.data.records import precompute  # pylint: disable=g-import-not-at-top
   folder = tmp_path / "images"
   folder.mkdir()
   for i, image in enumerate(_photos((120, 160))):
@@ -227,7 +228,7 @@ def test_fh_opencv_precompute_round_trip(tmp_path):
 
 def test_fh_opencv_without_opencv_says_how_to_install(tmp_path, monkeypatch):
   """No cv2: precompute stops before any work with the install command."""
-  from odin_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  from odin_jax.data.records import precompute  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, "cv2", None)    # import cv2 -> ImportError
   image = np.zeros((8, 8, 3), np.uint8)
   with pytest.raises(ImportError, match=r"odin_jax\[opencv\]"):

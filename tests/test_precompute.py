@@ -21,9 +21,9 @@ import tensorflow as tf
 from configs import detcon_b
 from odin_jax.data import masks
 from odin_jax.data import pipeline
-from odin_jax.data import precompute
 from odin_jax.data import records
 from odin_jax.data import sources
+from odin_jax.data.records import precompute
 from odin_jax import reporting, train
 
 FH = "fh:scale=100,sigma=0.8,min_size=50"

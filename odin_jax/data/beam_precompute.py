@@ -1,9 +1,10 @@
 r"""The mask precompute as an Apache Beam pipeline (optional extra `beam`).
 
-Same inputs, shard plan, per-example function (precompute.process_example)
-and shard writer as `python -m odin_jax.data.precompute`, so the output
-directory is byte-identical to the multiprocessing run's, and either can
-resume the other's unfinished run.
+Same inputs, shard plan (records.precompute.prepare), per-example function
+(records.examples.process_example) and shard writer (records.writer) as
+`python -m odin_jax.data.precompute`, so the output directory is
+byte-identical to the multiprocessing run's, and either can resume the
+other's unfinished run.
 
   python -m odin_jax.data.beam_precompute --source=folder:/data/photos \
       --output_dir=/mnt/shared/photos_records --masks=fh:scale=1000 \
@@ -30,7 +31,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from odin_jax.data import precompute
+from odin_jax.data.records import examples
+from odin_jax.data.records import precompute
+from odin_jax.data.records import writer
 
 try:
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
@@ -44,23 +47,23 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 class _ProcessExample(beam.DoFn):
   """(shard, position, locator) -> (shard, (position, ExampleResult))."""
 
-  def __init__(self, loader, spec: precompute.ExampleSpec):
+  def __init__(self, loader, spec: examples.ExampleSpec):
     super().__init__()
     self._loader, self._spec = loader, spec
 
   def process(self, element):
     shard, position, locator = element
-    result = precompute.process_example(self._loader.load(locator), self._spec)
+    result = examples.process_example(self._loader.load(locator), self._spec)
     yield shard, (position, result)
 
 
 def _write_shard(element, output_dir: str, num_shards: int) -> int:
   """(shard, [(position, result)]) -> shard, after writing it atomically."""
   shard, items = element
-  writer = precompute.ShardWriter(output_dir, shard, num_shards)
+  shard_writer = writer.ShardWriter(output_dir, shard, num_shards)
   for _, result in sorted(items, key=lambda item: item[0]):
-    writer.add(result)
-  writer.close()
+    shard_writer.add(result)
+  shard_writer.close()
   return shard
 
 
@@ -84,16 +87,16 @@ def run(options: precompute.Options,
   plan = precompute.prepare(options)
   num_shards = plan.run_spec["num_shards"]
   for s in [s for s in plan.pending if not plan.shards[s]]:
-    precompute.ShardWriter(options.output_dir, s, num_shards).close()  # empty
+    writer.ShardWriter(options.output_dir, s, num_shards).close()  # empty
   if any(plan.shards[s] for s in plan.pending):
     logging.info("beam_precompute: %d shards to write -> %s",
                  len(plan.pending), options.output_dir)
     with beam.Pipeline(options=PipelineOptions(list(beam_args))) as root:
       build_pipeline(root, plan, options.output_dir)
-  meta = precompute.finalize(options.output_dir, plan.run_spec)
+  meta = writer.finalize(options.output_dir, plan.run_spec)
   if meta is not None:
     logging.info("beam_precompute summary (%s):\n%s", options.output_dir,
-                 precompute.format_summary(meta))
+                 writer.format_summary(meta))
   return meta
 
 

@@ -23,25 +23,39 @@ that writes them with more shards. Sources:
   TfdsSource    a prepared TFDS dataset in ArrayRecord format (random access),
                 segments computed on the fly; lookup also gives 'label'
                 (int64, -1 without a ClassLabel 'label') and 'id' (string);
-  RecordSource  (records.py) images and masks written once by
+  RecordSource  (records/reader.py) images and masks written once by
                 `python -m odin_jax.data.precompute` (dataset.records_dir).
 `make_source(config)` picks one from config.dataset.name.
+
+This module is also the one home of listing a folder's image files
+(`list_images`, `IMAGE_EXTENSIONS`) and of opening a TFDS split
+(`tfds_builder`, `open_tfds`, `tfds_keys`); the precompute's inputs
+(records/inputs.py) and the evaluation's folder datasets use them.
+TensorFlow is imported only where a source builds graph ops, so the
+precompute's worker processes use this module without it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Protocol
+from typing import Protocol, TYPE_CHECKING
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from odin_jax.data import demo
 from odin_jax.data import masks
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+if TYPE_CHECKING:
+  import tensorflow as tf
+
+# Image files a folder source lists: every kind PIL decodes (the precompute
+# reads files with PIL). FolderSource decodes _TF_EXTENSIONS with
+# TensorFlow (which sniffs the content) and the rest (TIFF, PNM) with PIL.
+_TF_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif",
+                  ".webp")
+IMAGE_EXTENSIONS = _TF_EXTENSIONS + (".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 _BUILTIN = ("demo", "folder")
 
 
@@ -75,6 +89,7 @@ def _segments_fn(mask_config):
 
 def _segments_on_the_fly(image, segments_fn):
   """uint8 [H, W, 3] tensor -> int32 [H, W] via tf.numpy_function."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   seg = tf.numpy_function(segments_fn, [image], tf.int32,
                           stateful=False)
   seg.set_shape([None, None])
@@ -109,6 +124,7 @@ class ArraySource:
     if hierarchy is not None and len(hierarchy) != len(images):
       raise ValueError(f"hierarchy {np.shape(hierarchy)} must have one [L, L] "
                        f"matrix per image ({len(images)}).")
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     with tf.device("/cpu:0"):
       self._images = tf.constant(images)
       self._segments = tf.constant(segments.astype(np.int32))
@@ -116,6 +132,7 @@ class ArraySource:
                          tf.constant(np.asarray(hierarchy, np.float32)))
 
   def lookup(self, example_id):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     out = {"image": tf.gather(self._images, example_id),
            "segments": tf.gather(self._segments, example_id)}
     if self._hierarchy is not None:
@@ -141,17 +158,40 @@ class DemoSource(ArraySource):
     super().__init__(self.data.images, segments, trees)
 
 
-def list_images(folder: str) -> list[str]:
-  """Sorted paths of all image files under folder (recursive, any case)."""
+def list_images(folder: str, relative: bool = False) -> list[str]:
+  """Sorted paths of all image files under folder (recursive, any case).
+
+  Files whose name ends in one of IMAGE_EXTENSIONS (any case) count; links
+  are followed. relative=True: paths relative to folder, '/'-separated
+  (the precompute's stable example ids); else folder joined with them.
+  Raises FileNotFoundError when folder does not exist.
+  """
   if not folder or not os.path.isdir(folder):
     raise FileNotFoundError(f"Image folder {folder!r} does not exist (set "
-                            "--config.dataset.folder=/path/to/images).")
+                            "--config.dataset.folder=/path/to/images, or "
+                            "the precompute's --source=folder:/path).")
   paths = []
   for root, dirs, files in os.walk(folder, followlinks=True):
     dirs.sort()
-    paths.extend(os.path.join(root, f) for f in files
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+    rel = os.path.relpath(root, folder).replace(os.sep, "/")
+    for f in files:
+      if not f.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      if not relative:
+        paths.append(os.path.join(root, f))
+      else:
+        paths.append(f if rel == "." else f"{rel}/{f}")
   return sorted(paths)
+
+
+def _read_with_pil(path) -> np.ndarray:
+  """Image file (bytes path, as tf.numpy_function passes it) -> uint8
+  [H, W, 3], converted as records.examples.decode_pixels converts."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from odin_jax.data.records import examples  # pylint: disable=g-import-not-at-top
+  with Image.open(os.fsdecode(np.asarray(path).item())) as im:
+    im.load()
+    return examples.as_rgb(examples.decode_pixels(im)[0])
 
 
 def _is_valid_image(path: str) -> str | None:
@@ -165,6 +205,23 @@ def _is_valid_image(path: str) -> str | None:
     return f"{type(e).__name__}: {e}"
 
 
+def _drop_unreadable(paths: list[str], folder: str, num_threads: int):
+  """(readable paths, [(path, reason)] of the others), PIL-verified in
+  threads; raises ValueError when no file is readable."""
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    reasons = list(pool.map(_is_valid_image, paths))
+  bad = [(p, r) for p, r in zip(paths, reasons) if r]
+  good = [p for p, r in zip(paths, reasons) if not r]
+  if bad:
+    logging.warning("Skipping %d unreadable image file(s) under %s:\n%s",
+                    len(bad), folder,
+                    "\n".join(f"  {p} ({r})" for p, r in bad[:50]))
+  if not good:
+    raise ValueError(f"None of the image files under {folder!r} could be "
+                     f"read ({len(bad)} bad).")
+  return good, bad
+
+
 class FolderSource:
   """All images under a folder, in sorted path order; segments on the fly.
 
@@ -173,7 +230,8 @@ class FolderSource:
   whose header is fine but whose data is damaged (a truncated JPEG) fails in
   lookup; the pipeline skips it then (pipeline.py). Grayscale / RGBA /
   palette files are decoded to 3 channels; animated GIFs give their first
-  frame.
+  frame. TIFF and PNM files, which TensorFlow cannot decode, are decoded
+  with PIL (in tf.numpy_function; converted as the precompute converts).
   """
 
   def __init__(self, folder: str, mask_config, validate: bool = True,
@@ -184,23 +242,16 @@ class FolderSource:
                               f" found under {folder!r}.")
     self.bad_files: list[tuple[str, str]] = []
     if validate:
-      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        reasons = list(pool.map(_is_valid_image, paths))
-      self.bad_files = [(p, r) for p, r in zip(paths, reasons) if r]
-      paths = [p for p, r in zip(paths, reasons) if not r]
-      if self.bad_files:
-        logging.warning("Skipping %d unreadable image file(s) under %s:\n%s",
-                        len(self.bad_files), folder, "\n".join(
-                            f"  {p} ({r})" for p, r in self.bad_files[:50]))
-      if not paths:
-        raise ValueError(f"None of the image files under {folder!r} could be "
-                         f"read ({len(self.bad_files)} bad).")
+      paths, self.bad_files = _drop_unreadable(paths, folder, num_threads)
     self.paths = paths
     self.num_examples = len(paths)
     self.precompute_spec = f"folder:{folder}"   # precompute's --source
     self._segments = _segments_fn(mask_config)
+    by_tf = [p.lower().endswith(_TF_EXTENSIONS) for p in paths]
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     with tf.device("/cpu:0"):
       self._paths = tf.constant(paths)
+      self._by_tf = None if all(by_tf) else tf.constant(by_tf)
     logging.info("FolderSource: %d images under %s.", len(paths), folder)
 
   def describe(self, example_id: int) -> str:
@@ -208,9 +259,22 @@ class FolderSource:
     return self.paths[int(example_id)]
 
   def lookup(self, example_id):
-    data = tf.io.read_file(tf.gather(self._paths, example_id))
-    image = tf.io.decode_image(data, channels=3, expand_animations=False,
-                               dtype=tf.uint8)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    path = tf.gather(self._paths, example_id)
+
+    def by_tf():
+      return tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                expand_animations=False, dtype=tf.uint8)
+
+    def by_pil():
+      image = tf.numpy_function(_read_with_pil, [path], tf.uint8,
+                                stateful=False)
+      return tf.ensure_shape(image, [None, None, 3])
+
+    if self._by_tf is None:
+      image = by_tf()
+    else:
+      image = tf.cond(tf.gather(self._by_tf, example_id), by_tf, by_pil)
     image.set_shape([None, None, 3])
     return {"image": image,
             "segments": _segments_on_the_fly(image, self._segments)}
@@ -236,6 +300,36 @@ def _prepare_instructions(name: str, data_dir) -> str:
   lines.append("To try the system without any download, use the embedded demo "
                "dataset: --config=configs/detcon_b.py:demo (dataset.name='demo').")
   return "\n".join(lines)
+
+
+def tfds_builder(name: str, data_dir):
+  """The builder of a prepared TFDS dataset; a clear error, saying how to
+  prepare it, when the name is unknown or the data is not there."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"Unknown dataset name {name!r}: choose one of {_BUILTIN} or a TFDS "
+        "dataset name such as 'imagenet2012' or 'coco/2017' (see "
+        "tfds.list_builders()).") from e
+  if not builder.is_prepared():
+    raise RuntimeError(_prepare_instructions(name, data_dir))
+  return builder
+
+
+def open_tfds(name: str, split: str, data_dir, decoders=None):
+  """(builder, random-access data source) of a prepared TFDS split.
+
+  decoders: as tfds' (e.g. {'image': tfds.decode.SkipDecoding()} for the
+  encoded bytes). Needs the ArrayRecord file format; says how to get it.
+  """
+  builder = tfds_builder(name, data_dir)
+  try:
+    return builder, builder.as_data_source(split=split, decoders=decoders)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"{type(e).__name__}: {e}\n" +
+                       _prepare_instructions(name, data_dir)) from e
 
 
 def tfds_keys(features, image_key: str = "image") -> dict:
@@ -270,21 +364,7 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir, mask_config,
                image_key: str = "image"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(
-          f"Unknown dataset name {name!r}: choose one of {_BUILTIN} or a TFDS "
-          "dataset name such as 'imagenet2012' or 'coco/2017' (see "
-          "tfds.list_builders()).") from e
-    if not builder.is_prepared():
-      raise RuntimeError(_prepare_instructions(name, data_dir))
-    try:
-      self._source = builder.as_data_source(split=split)
-    except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f"{type(e).__name__}: {e}\n" +
-                         _prepare_instructions(name, data_dir)) from e
+    builder, self._source = open_tfds(name, split, data_dir)
     self.num_examples = len(self._source)
     if self.num_examples == 0:
       raise RuntimeError(f"TFDS {name}[{split}] is empty.")
@@ -334,6 +414,7 @@ class TfdsSource:
     return image, self._segments(image), label, ident
 
   def lookup(self, example_id):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     image, seg, label, ident = tf.numpy_function(
         self._load, [example_id], [tf.uint8, tf.int32, tf.int64, tf.string],
         stateful=False)

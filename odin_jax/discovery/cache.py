@@ -5,7 +5,7 @@ period of odin.copy_every_epochs epochs, and so are its masks. With
 odin.cached=True the step therefore does not run the discovery network and
 k-means at all: at the start of every period a refresh job runs them once
 over the dataset and writes the segments in the precompute record format
-(data/records.py, mask key 'odin') under
+(data/records/format.py, mask key 'odin', written by records.writer) under
 
   WORKDIR/odin_masks/period_PPPPP/
 
@@ -38,13 +38,13 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from odin_jax import sharding, step as step_lib
+from odin_jax import numerics, sharding, step as step_lib
 from odin_jax.data import masks as masks_lib
-from odin_jax.data import precompute, records
+from odin_jax.data import records
+from odin_jax.data.records import writer as records_writer
 
 MASK_KEY = "odin"              # records key of the discovered masks
 _REFRESH_SALT = 0x4F44_494E    # 'ODIN': key stream of the refreshes
@@ -65,14 +65,6 @@ def period_steps(config, num_examples: int) -> int:
 def period_dir(workdir: str, period: int) -> str:
   return os.path.join(os.path.abspath(workdir), "odin_masks",
                       f"period_{period:05d}")
-
-
-def _resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-  """[h, w] -> [H, W], each output pixel takes the cell under its centre."""
-  h, w = labels.shape
-  rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(int), h - 1)
-  cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(int), w - 1)
-  return labels[np.ix_(rows, cols)]
 
 
 class MaskCache:
@@ -160,7 +152,7 @@ class MaskCache:
     g, hosts, h = self.batch_size, jax.process_count(), jax.process_index()
     local = g // hosts
     num_batches = math.ceil(self.num_examples / g)
-    per_shard = max(1, precompute.SHARD_TARGET_SIZE // local)
+    per_shard = max(1, records_writer.SHARD_TARGET_SIZE // local)
     num_chunks = math.ceil(num_batches / per_shard)
     num_shards = num_chunks * hosts
     run_spec = {
@@ -183,12 +175,12 @@ class MaskCache:
     for b, batch in enumerate(self._images()):
       chunk = b // per_shard
       shard = chunk * hosts + h
-      if precompute.shard_done(out, shard, num_shards):
+      if records_writer.shard_done(out, shard, num_shards):
         continue       # written by an earlier, interrupted attempt
       if shard_of_chunk != shard:
         if shard_writer is not None:
           shard_writer.close()
-        shard_writer, shard_of_chunk = precompute.ShardWriter(
+        shard_writer, shard_of_chunk = records_writer.ShardWriter(
             out, shard, num_shards), shard
       rows = slice(h * local, (h + 1) * local)
       span = sharding.to_global(self.mesh, {"span": batch["span"][rows]})
@@ -206,7 +198,7 @@ class MaskCache:
     _sync(f"odin_refresh_{p}")
     meta = None
     if h == 0:
-      meta = precompute.finalize(out, run_spec)
+      meta = records_writer.finalize(out, run_spec)
       if meta is None:
         raise RuntimeError(f"Odin mask refresh of period {p}: shards are "
                            f"missing in {out} after every host finished.")
@@ -236,7 +228,7 @@ def _example(batch: dict, row: int, grid_segments: np.ndarray):
   """One record: the image as JPEG and its segments resized to the image."""
   height, width = int(batch["height"][row]), int(batch["width"][row])
   segments = masks_lib.relabel_sequential(
-      _resize_nearest(np.asarray(grid_segments), height, width))
+      numerics.resize_nearest(np.asarray(grid_segments), (height, width)))
   png = records.encode_mask_png(segments)
   jpeg = bytes(batch["jpeg"][row])
   name = batch["id"][row]
@@ -245,7 +237,7 @@ def _example(batch: dict, row: int, grid_segments: np.ndarray):
       "id": name, "image": jpeg, "height": height, "width": width,
       "label": int(batch["label"][row]),
       records.MASK_PREFIX + MASK_KEY: png})
-  return precompute.ExampleResult(
+  return records_writer.ExampleResult(
       name, record, num_segments=((MASK_KEY, int(segments.max()) + 1),),
       image_bytes=len(jpeg), mask_bytes=((MASK_KEY, len(png)),))
 

@@ -66,6 +66,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from odin_jax import numerics
 from odin_jax import sharding
 
 _INITS = ("kmeans++", "random")
@@ -282,8 +283,7 @@ def kmeans(points, num_clusters: int, key, num_iters: int = 10, valid=None,
     raise ValueError(f"kmeans needs at least num_clusters={num_clusters} "
                      f"points per image, got {num_points}.")
   if normalize:
-    points = points / jnp.maximum(
-        jnp.linalg.norm(points, axis=-1, keepdims=True), 1e-12)
+    points = numerics.l2_normalize(points)
   if valid is None:
     valid = jnp.ones((batch, num_points), bool)
   valid = jnp.asarray(valid, bool)

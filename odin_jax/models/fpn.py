@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from odin_jax import numerics
 from odin_jax.models import resnet
 
 LEVELS = ("p2", "p3", "p4", "p5")
@@ -50,11 +51,7 @@ def upsample_nearest(x, size: tuple[int, int]):
   Output row i reads input row floor(i · h / H) (columns likewise), i.e.
   `torch.nn.functional.interpolate(x, size=(H, W), mode='nearest')`.
   """
-  _, h, w, _ = x.shape
-  out_h, out_w = size
-  rows = (jnp.arange(out_h) * h) // out_h
-  cols = (jnp.arange(out_w) * w) // out_w
-  return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+  return numerics.resize_nearest(x, size, centre=False, axes=(1, 2))
 
 
 class FPN(nn.Module):

@@ -39,6 +39,7 @@ import numpy as np
 
 from odin_jax.models import resnet
 from odin_jax.models import vit
+from odin_jax.numerics import MASKED as _MASKED  # masks attention logits
 
 # name -> (embed_dim, depths, num_heads); patch 4, window 7, MLP ratio 4.
 PRESETS = {
@@ -47,7 +48,6 @@ PRESETS = {
 }
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 _dense_init = nn.initializers.truncated_normal(0.02)
-_MASKED = -1e9      # added to the logits of keys a query may not see
 
 
 def _ceil_div(a: int, b: int) -> int:
