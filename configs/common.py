@@ -20,6 +20,8 @@ Every field can be overridden on the command line: --config.batch_size=64.
 
 import ml_collections
 
+from odin_jax.evaluate import settings as eval_settings
+
 PRESETS = ("imagenet", "coco", "demo", "test")
 BACKBONE_PRESETS = ("vit_s16", "vit_b16", "vit_b8", "swin_t", "swin_s")
 
@@ -60,6 +62,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # exactly it (newer ones kept as <step>.superseded; set it for one launch
   # only, a relaunch with it goes back again). See checkpoint.py.
   c.restore_step = ml_collections.FieldReference(None, field_type=int)
+  # Start θ (and ξ, τ) from these backbone weights, fresh runs only (a
+  # workdir's own checkpoint wins): a torchvision / timm .pth,
+  # .safetensors or .npz, odin_jax's backbone.npz, or another run's workdir
+  # (odin_jax/export/weights_in.py). '': the random initialisation.
+  c.init_from = ""
   # None: block on every step's metrics only on CPU (XLA:CPU collectives
   # deadlock otherwise); True/False forces it.
   c.block_every_step = ml_collections.FieldReference(None, field_type=bool)
@@ -221,57 +228,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   r.cluster_view = "image"
 
   # Evaluation (python -m odin_jax.evaluate, and every eval.every_steps
-  # during training). Demo scenes unless a TFDS dataset is named.
-  e = c.eval = ml_collections.ConfigDict()
-  e.every_steps = 0                  # 0: no periodic evaluation
-  e.periodic = ("discovery", "pictures")
-  e.evals = ("discovery", "instances", "video", "linear_probe", "knn",
-             "pictures")
-  # Odin App. A.4: k-means of the final hidden layer h ('auto': 'stage4' of
-  # a ResNet / Swin, a ViT's 'tokens') or, with an FPN, of the projections
-  # z, at 1024 px for ResNets (stage4 32x32, FPN p2 256x256; ViT presets:
-  # 448). The demo / test presets evaluate at 256 (see apply_preset).
-  e.feature = "auto"
-  e.resnet_feature = "stage4"        # 'auto' for a ResNet / Swin, no FPN
-  e.image_size = 1024
-  e.batch_size = 16
-  e.seed = 0
-  e.demo_seed = 1                    # held-out scenes (training uses seed 0)
-  e.num_images = 32
-  e.discovery_ks = (1, 2, 4, 8, 16, 32, 64, 128)   # Odin App. A.4: 255 masks
-  e.mask_baselines = ("fh", "slic", "grid")
-  e.spectral_ks = (2, 3, 4, 5)
-  e.spectral_max_cells = 1024
-  # Instance recall (instance-segmentation analysis paper §3): 'auto' = a
-  # ViT's last-block attention keys ('keys', the paper's features), else
-  # eval.feature's; or any feature map name. Reports AR over IoU
-  # 0.5:0.05:0.95 (the paper's "mean average recall") and R@0.5.
-  e.instance_feature = "auto"
-  e.video_clips, e.video_frames, e.video_objects = 4, 8, 2
-  e.probe_train_images, e.probe_test_images, e.probe_steps = 96, 32, 300
-  e.picture_images, e.picture_k = 4, 8
-  e.tfds_discovery = ""              # e.g. 'coco/2017_panoptic' when prepared
-  e.tfds_video = ""                  # e.g. 'davis/480p' when prepared
-  e.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
-  # COCO (Odin App. A.4): the native central square crop is resized
-  # straight to eval.image_size and scored there (1024 px for ResNets).
-  e.tfds_num_images, e.tfds_num_videos = 500, 30
-  # Your own data (evaluate/datasets.py): PATH with images/ + masks/ (or
-  # JPEGImages/ + Annotations/), masks = PNG id maps of the same name;
-  # discovery / instances / pictures by COCO's protocol, prefix 'folder/'.
-  e.folder_discovery = ""
-  e.folder_num_images = 0            # the first N images (0: all)
-  e.folder_mask_encoding = "ids"     # 'ids' | 'coco_rgb' (R + 256G + 65536B)
-  e.folder_background_ids = (0,)     # mask ids that are not objects (+255:
-                                     #   VOC / DAVIS void borders)
-  # After training, print and write (workdir/eval/final_report.{json,txt})
-  # the online θ beside the EMA ξ, the same network at random init and the
-  # FH masks, with a sentence saying whether training helped
-  # (evaluate/report.py; the demo presets turn it on). The random-init and
-  # FH numbers are computed once and cached in report_cache_dir ('':
-  # ~/.cache/odin_jax/eval_baselines).
-  e.final_report = False
-  e.report_cache_dir = ""
+  # during training). Every field and its default lives in
+  # odin_jax/evaluate/settings.py (EvalSettings, documented there); the
+  # presets below only override fields.
+  c.eval = eval_settings.config_section()
 
   # Scale: precision, memory, profiling (docs/scale.md). The compute dtype
   # is model.dtype above ('bfloat16' on TPU/GPU; parameters, BatchNorm
@@ -343,12 +303,12 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
     # scale range the demo views train at (x0.75-x2.7 of a scene). stage4
     # then gives 8x8 cells (2-4 across a demo object; K <= 64), an FPN's p2
     # 64x64. At 512 px (16x16) or 1024 px (32x32) the demo-trained DetCon-B
-    # does not beat its random init either (evaluate/runner.py,
+    # does not beat its random init either (docs/evaluation.md,
     # "Resolution"), and they cost 4-16x on CPU (an FPN's k-means most).
     c.eval.image_size = 256
     if preset == "demo":
       # stage4 at 256 px is an 8x8 grid, too coarse for any k-means cluster
-      # to match a 30-65 px demo object at IoU > 0.5 (evaluate/runner.py,
+      # to match a 30-65 px demo object at IoU > 0.5 (docs/evaluation.md,
       # "Resolution"): the demo clusters stage3 (16x16) instead.
       c.eval.resnet_feature = "stage3"
       c.image_size = 96
@@ -364,6 +324,10 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.eval.every_steps = 100
       c.eval.final_report = True   # θ vs random init vs FH masks at the end
       c.dataset.demo_num_scenes = 256
+      # imagenet_linear on a small TFDS dataset (--set=linear_dataset=NAME):
+      # the demo's view size, a few epochs.
+      c.eval.linear_image_size, c.eval.linear_batch_size = 96, 32
+      c.eval.linear_epochs = 10
     else:
       c.image_size = 80
       c.model.width = 0.125
@@ -380,6 +344,8 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
       c.eval.video_clips, c.eval.video_frames = 1, 4
       c.eval.probe_train_images, c.eval.probe_test_images = 6, 4
       c.eval.probe_steps = 20
+      c.eval.linear_image_size, c.eval.linear_batch_size = 64, 8
+      c.eval.linear_epochs = 3
     if c.model.predictor_hidden:
       c.model.predictor_hidden = c.model.projector_hidden
     if backbone:

@@ -14,7 +14,7 @@ tuples; each mirrors the registry of the module that implements it
 from __future__ import annotations
 
 # NumPy only (no JAX): its mask encodings are checked here.
-from odin_jax.evaluate import datasets
+from odin_jax.evaluate import folder as eval_folder
 
 # losses.LOSSES, plus hiergroup.LOSS_NAME (which has its own step).
 LOSS_NAMES = ("byol", "contrastive_detection", "mask_byol", "simclr")
@@ -59,6 +59,7 @@ def validate(config) -> None:
   _require(config.image_size >= 32, f"image_size={config.image_size} is too "
            "small for a ResNet (needs >= 32 px).")
   _validate_augment(config.augment)
+  _validate_init_from(config.get("init_from") or "")
   _require(config.num_masks >= 1, "num_masks must be >= 1.")
   bad_fraction = config.dataset.get("max_bad_fraction", 0.05)
   _require(0.0 <= bad_fraction <= 1.0,
@@ -159,7 +160,7 @@ def validate(config) -> None:
   _require(config.optimizer.base_learning_rate > 0,
            "optimizer.base_learning_rate must be > 0.")
   encoding = (config.get("eval") or {}).get("folder_mask_encoding", "ids")
-  _require(encoding in datasets.MASK_ENCODINGS,
+  _require(encoding in eval_folder.MASK_ENCODINGS,
            f"eval.folder_mask_encoding={encoding!r}; choose 'ids' (palette / "
            "grayscale / 16-bit id PNGs) or 'coco_rgb' (COCO panoptic RGB).")
 
@@ -314,3 +315,23 @@ def _validate_augment(a) -> None:
   _require(0.0 < a.blur_sigma_min <= a.blur_sigma_max,
            f"augment.blur_sigma_min={a.blur_sigma_min} and blur_sigma_max="
            f"{a.blur_sigma_max} must satisfy 0 < min <= max (pixels).")
+
+
+# export/weights_in.FILE_SUFFIXES (tests/test_weights_in.py checks it).
+INIT_FROM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+
+
+def _validate_init_from(path) -> None:
+  """init_from: '' or a checkpoint file / workdir that exists (URLs are
+  checked when read)."""
+  import os
+  _require(isinstance(path, str), f"init_from={path!r} must be a path.")
+  if not path or "://" in path:
+    return
+  _require(os.path.exists(path), f"init_from={path}: no such file or "
+           "directory (a torchvision / timm checkpoint, odin_jax's "
+           "backbone.npz or a run's workdir).")
+  _require(os.path.isdir(path) or
+           path.lower().endswith(INIT_FROM_SUFFIXES),
+           f"init_from={path}: unknown checkpoint type; give one of "
+           f"{INIT_FROM_SUFFIXES} or a workdir.")

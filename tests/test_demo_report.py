@@ -13,6 +13,7 @@ import pytest
 from configs import byol, detcon_b, detcon_s, hiergroup, odin, r2o, simclr
 from odin_jax import train
 from odin_jax.evaluate import report, runner
+from odin_jax.evaluate import settings as settings_lib
 
 
 def test_verdict_sentence_follows_the_numbers():
@@ -39,7 +40,7 @@ def test_demo_presets_turn_the_report_on():
 
 def test_cache_key_follows_what_the_number_depends_on():
   config = detcon_b.get_config("test")
-  settings = runner.settings_from_config(config)
+  settings = settings_lib.settings_from_config(config)
   key = report.baseline_key(config, settings, "random")
   fh = report.baseline_key(config, settings, "masks:fh")
   longer = detcon_b.get_config("test")
@@ -49,7 +50,7 @@ def test_cache_key_follows_what_the_number_depends_on():
   other.seed = 1              # another initialisation, the same FH masks
   assert report.baseline_key(other, settings, "random") != key
   assert report.baseline_key(other, settings, "masks:fh") == fh
-  more = runner.settings_from_config(config, num_images=8)
+  more = settings_lib.settings_from_config(config, num_images=8)
   assert report.baseline_key(config, more, "masks:fh") != fh
 
 

@@ -10,11 +10,17 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from odin_jax import numerics
+from odin_jax.evaluate import clips
+from odin_jax.evaluate import clustering
 from odin_jax.evaluate import discovery
+from odin_jax.evaluate import grids
 from odin_jax.evaluate import instances
+from odin_jax.evaluate import knn
 from odin_jax.evaluate import pictures
 from odin_jax.evaluate import probes
 from odin_jax.evaluate import video
+from odin_jax.evaluate import video_metrics
 
 
 def _box(h, w, y0, y1, x0, x1):
@@ -54,7 +60,7 @@ def test_segmentation_overlaps_match_explicit_proposals():
   gt = rng.random((5, 24, 20)) < 0.3
   gt[4] = False  # an empty segment
   maps = rng.integers(-1, 6, size=(3, 24, 20))
-  proposals = np.concatenate([discovery.segments_to_proposals(m)
+  proposals = np.concatenate([clustering.segments_to_proposals(m)
                               for m in maps])
   np.testing.assert_allclose(
       discovery.best_overlaps_from_segmentations(gt, maps),
@@ -122,15 +128,15 @@ def test_accumulator_averages_per_image_then_over_images():
 
 def test_segments_to_proposals_and_resize():
   seg = np.array([[0, 0, 2], [-1, 2, 2]])
-  props = discovery.segments_to_proposals(seg)
+  props = clustering.segments_to_proposals(seg)
   assert props.shape == (2, 2, 3)
   np.testing.assert_array_equal(props[1], seg == 2)
-  fixed = discovery.segments_to_proposals(seg, num_segments=3)
+  fixed = clustering.segments_to_proposals(seg, num_segments=3)
   assert fixed.shape == (3, 2, 3) and not fixed[1].any()
-  up = discovery.resize_nearest(np.array([[1, 2], [3, 4]]), (4, 6))
+  up = numerics.resize_nearest(np.array([[1, 2], [3, 4]]), (4, 6))
   np.testing.assert_array_equal(up, np.kron([[1, 2], [3, 4]],
                                             np.ones((2, 3), int)))
-  np.testing.assert_allclose(discovery.area_matrix(2, 3),
+  np.testing.assert_allclose(grids.area_matrix(2, 3),
                              [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
 
 
@@ -140,7 +146,7 @@ def test_kmeans_proposals_recover_feature_blobs():
   feats[:, :2, 0] = 1.0
   feats[:, 2:, 1] = 1.0
   feats += 0.01 * rng.normal(size=feats.shape).astype(np.float32)
-  props = discovery.kmeans_proposals(feats, (1, 2), key=jax.random.PRNGKey(0),
+  props = clustering.kmeans_proposals(feats, (1, 2), key=jax.random.PRNGKey(0),
                                      image_hw=(8, 8))
   assert props.shape == (3, 8, 8) and props.dtype == bool
   assert props[0].all()  # K = 1: the whole image
@@ -158,12 +164,39 @@ def test_kmeans_clusters_directions_not_norms():
   feats[:, 0, 0] = 0.1   # direction e0, short
   feats[:, 1, 1] = 0.1   # direction e1, short
   feats[:, 2:, 0] = 10.0  # direction e0, long
-  maps = discovery.kmeans_segmentations(feats, (2,),
+  maps = clustering.kmeans_segmentations(feats, (2,),
                                         key=jax.random.PRNGKey(3))
   assert maps.shape == (1, 4, 4)
   seg = maps[0]
   assert len(np.unique(seg[:, [0, 2, 3]])) == 1
   assert np.unique(seg[:, 1]).tolist() != np.unique(seg[:, 0]).tolist()
+
+
+def test_batched_kmeans_one_program_for_every_k_and_batch():
+  """What the evaluations run: every image and K by one k-means compiled
+  for (batch, points, K_max); K < K_max runs as num_active, so map i has
+  exactly ks[i] clusters on separable data, and the padded last batch
+  leaves the real images' labels alone (deterministic given the key)."""
+  rng = np.random.default_rng(0)
+  centres = 20.0 * np.eye(8, dtype=np.float32)[:5]
+  points = np.stack([centres[np.arange(20) % 5] + rng.standard_normal(
+      (20, 8)).astype(np.float32) for _ in range(5)])      # [5, 20, 8]
+  ks = (1, 3, 5)
+  maps = clustering.kmeans_label_maps(points, ks, jax.random.PRNGKey(0),
+                                      batch_size=2, k_max=5)
+  assert maps.shape == (5, 3, 20) and maps.dtype == np.int32
+  for i, k in enumerate(ks):
+    assert maps[:, i].max() < k
+  # K = 5 recovers the five blobs in every image, padded one included.
+  for image in maps[:, 2]:
+    assert len(np.unique(image)) == 5
+    assert len({(c, l) for c, l in zip(np.arange(20) % 5, image)}) == 5
+  again = clustering.kmeans_label_maps(points, ks, jax.random.PRNGKey(0),
+                                       batch_size=2, k_max=5)
+  np.testing.assert_array_equal(maps, again)
+  with pytest.raises(ValueError, match="k_max"):
+    clustering.kmeans_label_maps(points, (6,), jax.random.PRNGKey(0),
+                                 k_max=5)
 
 
 # --- Instance-recall analysis -------------------------------------------
@@ -176,7 +209,7 @@ def test_spectral_clustering_separates_two_blobs():
   blob[1:4, 1:5] = True  # an irregular region, not a half-plane
   feats[blob, 0] += 1.0
   feats[~blob, 1] += 1.0
-  maps = instances.spectral_segmentations(feats, (2,),
+  maps = clustering.spectral_segmentations(feats, (2,),
                                           key=jax.random.PRNGKey(1))
   assert maps.shape == (1, 6, 6)
   inside = np.unique(maps[0][blob])
@@ -186,9 +219,9 @@ def test_spectral_clustering_separates_two_blobs():
 
 def test_cosine_affinity_clip_and_shift():
   x = np.array([[2.0, 0.0], [-1.0, 0.0], [0.0, 3.0]])
-  np.testing.assert_allclose(instances.cosine_affinity(x, "clip"), np.eye(3))
+  np.testing.assert_allclose(clustering.cosine_affinity(x, "clip"), np.eye(3))
   np.testing.assert_allclose(
-      instances.cosine_affinity(x, "shift"),
+      clustering.cosine_affinity(x, "shift"),
       [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.5, 0.5, 1.0]])
 
 
@@ -196,7 +229,7 @@ def test_spectral_embedding_of_disconnected_graph():
   affinity = np.zeros((6, 6))
   affinity[:3, :3] = 1.0
   affinity[3:, 3:] = 1.0
-  vectors = instances.spectral_embedding(affinity, 2)
+  vectors = clustering.spectral_embedding(affinity, 2)
   # Both leading eigenvectors (eigenvalue 1) are constant on each component.
   for v in vectors.T:
     assert np.ptp(v[:3]) < 1e-9 and np.ptp(v[3:]) < 1e-9
@@ -206,8 +239,8 @@ def test_spectral_embedding_of_disconnected_graph():
   # (eigenvalue 1 of D^-1/2 W D^-1/2, the Laplacian's null vector).
   rng = np.random.default_rng(9)
   x = rng.random((10, 3))
-  affinity = instances.cosine_affinity(x)
-  vectors = instances.spectral_embedding(affinity, 3)
+  affinity = clustering.cosine_affinity(x)
+  vectors = clustering.spectral_embedding(affinity, 3)
   root_degree = np.sqrt(affinity.sum(1))
   np.testing.assert_allclose(np.abs(vectors[:, 0]),
                              root_degree / np.linalg.norm(root_degree),
@@ -219,15 +252,15 @@ def test_component_splitting_splits_disconnected_blobs():
   seg = np.zeros((8, 8), np.int64)
   seg[1:3, 1:3] = 1
   seg[5:7, 4:7] = 1  # the same label, not connected to the first blob
-  out = instances.split_components(seg)
+  out = clustering.split_components(seg)
   assert len(np.unique(out)) == 3  # background + two blobs
   assert len(np.unique(out[1:3, 1:3])) == 1
   assert out[1, 1] != out[5, 4]
   assert len(np.unique(out[seg == 0])) == 1
   # Diagonal contact: one component with 8-connectivity, two with 4.
   diag = np.eye(3, dtype=bool)
-  assert instances.split_mask_components(diag, connectivity=2).shape[0] == 1
-  comps = instances.split_mask_components(diag, connectivity=1)
+  assert clustering.split_mask_components(diag, connectivity=2).shape[0] == 1
+  comps = clustering.split_mask_components(diag, connectivity=1)
   assert comps.shape == (3, 3, 3)
   np.testing.assert_array_equal(comps.sum(0), diag)
 
@@ -243,9 +276,9 @@ def test_split_components_recover_same_class_instances():
   feats[~(a | b), 1] += 1.0
   gt = np.stack([np.kron(m, np.ones((2, 2), bool)) for m in (a, b)])
   key = jax.random.PRNGKey(2)
-  whole = instances.instance_segmentations(feats, (2,), key=key,
+  whole = clustering.instance_segmentations(feats, (2,), key=key,
                                            image_hw=(12, 12), split=False)
-  split = instances.instance_segmentations(feats, (2,), key=key,
+  split = clustering.instance_segmentations(feats, (2,), key=key,
                                            image_hw=(12, 12))
   assert whole.shape == split.shape == (1, 12, 12)
   assert len(np.unique(whole)) == 2 and len(np.unique(split)) == 3
@@ -356,14 +389,35 @@ def test_instance_feature_defaults_to_vit_keys():
   """eval.instance_feature='auto': a ViT's last-block keys (the paper's
   features); a named map otherwise wins."""
   from configs import detcon_b
-  from odin_jax.evaluate import runner
+  from odin_jax.evaluate import context, settings
   config = detcon_b.get_config("vit_test")
-  ctx = runner._Context(config, runner.settings_from_config(config), None,
-                        None)
-  assert runner.instance_feature(ctx) == "keys"
-  ctx = runner._Context(config, runner.settings_from_config(
-      config, instance_feature="tokens"), None, None)
-  assert runner.instance_feature(ctx) == "tokens"
+  ctx = context.Context(config, settings.settings_from_config(config))
+  assert instances.instance_feature(ctx) == "keys"
+  ctx = context.Context(config, settings.settings_from_config(
+      config, instance_feature="tokens"))
+  assert instances.instance_feature(ctx) == "tokens"
+
+
+def test_run_on_ground_truth_masks():
+  """The evaluations' run(ctx) on a mask source (no network): discovery of
+  the ground-truth instance maps is perfect, instance recall of their
+  connected components recovers every connected instance, the panel has
+  one row per scene, and the feature-only evaluations skip."""
+  from configs import detcon_b
+  from odin_jax.evaluate import context, settings
+  config = detcon_b.get_config("test")
+  s = settings.settings_from_config(config, num_images=3, picture_images=2)
+  ctx = context.Context(config, s, features=None, mask_method="gt")
+  out = discovery.run(ctx)
+  assert out.metrics["discovery/abo_instance"] == 1.0
+  assert out.metrics["discovery/or_instance"] == 1.0
+  assert out.info["discovery/num_images"] == 3
+  assert instances.run(ctx).metrics["instances/recall_all"] > 0.5
+  size = config.dataset.demo_image_size
+  assert pictures.run(ctx).pictures["discovery"].shape == (
+      2 * size + 2, 4 * size, 3)
+  assert video.run(ctx) is None and probes.run(ctx) is None
+  assert knn.run(ctx) is None
 
 
 # --- Video label propagation --------------------------------------------
@@ -417,13 +471,13 @@ def test_boundary_f_follows_the_davis_toolkit():
   dot[2, 2] = True
   want = np.zeros((5, 5), bool)
   want[1:3, 1:3] = True
-  np.testing.assert_array_equal(video.mask_boundary(dot), want)
+  np.testing.assert_array_equal(video_metrics.mask_boundary(dot), want)
   # A mask touching the image border: the border is no boundary.
   full = np.zeros((4, 6), bool)
   full[:, 3:] = True
-  np.testing.assert_array_equal(video.mask_boundary(full),
+  np.testing.assert_array_equal(video_metrics.mask_boundary(full),
                                 _davis_boundary_loop(full))
-  assert not video.mask_boundary(full)[:, 3:].any()
+  assert not video_metrics.mask_boundary(full)[:, 3:].any()
   h, w = 24, 32
   radius = math.ceil(0.008 * math.hypot(h, w))   # 1 px here
   gt = _box(h, w, 6, 18, 8, 22)
@@ -431,11 +485,11 @@ def test_boundary_f_follows_the_davis_toolkit():
   gaps = []
   for seed in range(3):
     pred = gt ^ (np.random.default_rng(seed).random((h, w)) < 0.08)
-    np.testing.assert_array_equal(video.mask_boundary(pred),
+    np.testing.assert_array_equal(video_metrics.mask_boundary(pred),
                                   _davis_boundary_loop(pred))
     want = _f_from_boundaries(_davis_boundary_loop(pred),
                               _davis_boundary_loop(gt), radius)
-    assert video.boundary_f_measure(pred, gt) == pytest.approx(want,
+    assert video_metrics.boundary_f_measure(pred, gt) == pytest.approx(want,
                                                                abs=1e-12)
     old = _f_from_boundaries(
         pred & ~ndimage.binary_erosion(pred, cross, border_value=1),
@@ -445,21 +499,21 @@ def test_boundary_f_follows_the_davis_toolkit():
 
 
 def test_make_clip_is_deterministic_and_moving():
-  clip = video.make_clip(seed=5, num_frames=6, image_size=48, num_objects=2)
-  again = video.make_clip(seed=5, num_frames=6, image_size=48, num_objects=2)
+  clip = clips.make_clip(seed=5, num_frames=6, image_size=48, num_objects=2)
+  again = clips.make_clip(seed=5, num_frames=6, image_size=48, num_objects=2)
   assert clip.frames.shape == (6, 48, 48, 3) and clip.frames.dtype == np.uint8
   assert clip.masks.shape == (6, 48, 48)
   np.testing.assert_array_equal(clip.frames, again.frames)
   np.testing.assert_array_equal(clip.masks, again.masks)
   assert set(np.unique(clip.masks[0])) == {0, 1, 2}
-  other = video.make_clip(seed=6, num_frames=6, image_size=48)
+  other = clips.make_clip(seed=6, num_frames=6, image_size=48)
   assert not np.array_equal(other.frames, clip.frames)
   if np.abs(clip.velocities).max() >= 1.0:
     assert not np.array_equal(clip.masks[0], clip.masks[-1])
 
 
 def test_make_clip_moves_objects_at_constant_velocity():
-  clip = video.make_clip(seed=2, num_frames=7, image_size=48, num_objects=1,
+  clip = clips.make_clip(seed=2, num_frames=7, image_size=48, num_objects=1,
                          max_speed=3.0)
   (vy, vx), = clip.velocities
   assert max(abs(vy), abs(vx)) > 0.5
@@ -475,8 +529,8 @@ def test_make_clip_moves_objects_at_constant_velocity():
 
 
 def test_jf_is_one_on_identical_masks():
-  clip = video.make_clip(seed=0, num_frames=5, image_size=40)
-  res = video.evaluate_video(clip.masks, clip.masks)
+  clip = clips.make_clip(seed=0, num_frames=5, image_size=40)
+  res = video_metrics.evaluate_video(clip.masks, clip.masks)
   np.testing.assert_allclose(res["J"], 1.0)
   np.testing.assert_allclose(res["F"], 1.0)
   assert res["JF_mean"] == 1.0 and len(res["object_ids"]) == 2
@@ -486,23 +540,23 @@ def test_j_and_f_on_a_known_shift():
   gt = _box(32, 32, 10, 20, 10, 20)
   shifted = _box(32, 32, 10, 20, 12, 22)
   # Intersection 10x8 = 80, union 120.
-  assert video.region_similarity(shifted, gt) == pytest.approx(80 / 120)
-  assert video.boundary_f_measure(shifted, gt, tolerance=2) == 1.0
-  f1 = video.boundary_f_measure(shifted, gt, tolerance=1)
+  assert video_metrics.region_similarity(shifted, gt) == pytest.approx(80 / 120)
+  assert video_metrics.boundary_f_measure(shifted, gt, tolerance=2) == 1.0
+  f1 = video_metrics.boundary_f_measure(shifted, gt, tolerance=1)
   assert 0.3 < f1 < 1.0
   # Empty masks: both -> 1, one -> 0.
   empty = np.zeros((32, 32), bool)
-  assert video.region_similarity(empty, empty) == 1.0
-  assert video.boundary_f_measure(empty, empty) == 1.0
-  assert video.boundary_f_measure(empty, gt) == 0.0
+  assert video_metrics.region_similarity(empty, empty) == 1.0
+  assert video_metrics.boundary_f_measure(empty, empty) == 1.0
+  assert video_metrics.boundary_f_measure(empty, gt) == 0.0
   # evaluate_video over a 3-frame clip scores the middle frame only.
   labels_gt = np.stack([gt, gt, gt]).astype(np.int64)
   labels_pred = np.stack([gt, shifted, empty]).astype(np.int64)
-  res = video.evaluate_video(labels_pred, labels_gt)
+  res = video_metrics.evaluate_video(labels_pred, labels_gt)
   assert res["J_mean"] == pytest.approx(80 / 120)
-  acc = video.VideoAccumulator()
+  acc = video_metrics.VideoAccumulator()
   acc.add(res)
-  acc.add(video.evaluate_video(labels_gt, labels_gt))
+  acc.add(video_metrics.evaluate_video(labels_gt, labels_gt))
   assert acc.result()["J_mean"] == pytest.approx((80 / 120 + 1) / 2)
   assert acc.result()["num_objects"] == 2
 
@@ -525,7 +579,7 @@ def test_propagation_on_a_static_clip_reproduces_first_frame():
   pred = video.propagate_video(feats, first)
   assert pred.shape == (5, 48, 48)
   masks = np.repeat(first[None], 5, axis=0)
-  res = video.evaluate_video(pred, masks, exclude_first=False,
+  res = video_metrics.evaluate_video(pred, masks, exclude_first=False,
                              exclude_last=False)
   assert res["J_mean"] >= 0.99 and res["F_mean"] >= 0.99
 
@@ -587,7 +641,7 @@ def test_propagation_matches_reference(n_last, topk, radius, band_rows):
 
 
 def test_propagation_follows_moving_objects():
-  clip = video.make_clip(seed=3, num_frames=8, image_size=64, num_objects=2,
+  clip = clips.make_clip(seed=3, num_frames=8, image_size=64, num_objects=2,
                          max_speed=3.0)
   grid = (16, 16)
   # Oracle features: each cell's object fractions (+ noise) per frame.
@@ -596,9 +650,9 @@ def test_propagation_follows_moving_objects():
   feats = feats + 0.05 * np.random.default_rng(0).normal(size=feats.shape)
   config = video.PropagationConfig(radius=4, band_rows=5)
   pred = video.propagate_video(feats, clip.masks[0], config=config)
-  res = video.evaluate_video(pred, clip.masks)
+  res = video_metrics.evaluate_video(pred, clip.masks)
   copied = np.repeat(clip.masks[:1], len(clip.masks), axis=0)
-  baseline = video.evaluate_video(copied, clip.masks)
+  baseline = video_metrics.evaluate_video(copied, clip.masks)
   assert res["J_mean"] > 0.75
   assert res["J_mean"] > baseline["J_mean"] + 0.1
 
@@ -673,13 +727,13 @@ def test_knn_on_separable_data():
   train_x = centres[train_y] + rng.normal(size=(90, 16))
   test_y = np.tile(np.arange(3), 10)
   test_x = centres[test_y] + rng.normal(size=(30, 16))
-  assert probes.knn_accuracy(train_x, train_y, test_x, test_y, 3) == 1.0
+  assert knn.knn_accuracy(train_x, train_y, test_x, test_y, 3) == 1.0
   # k = 1 returns the label of the most similar (cosine) training point.
-  pred, scores = probes.knn_classify(train_x, train_y, train_x[[5, 40, 70]],
+  pred, scores = knn.knn_classify(train_x, train_y, train_x[[5, 40, 70]],
                                      3, k=1)
   np.testing.assert_array_equal(pred, train_y[[5, 40, 70]])
   assert scores.shape == (3, 3)
-  pooled = probes.pool_features(np.ones((2, 3, 3, 4)) * np.arange(4))
+  pooled = knn.pool_features(np.ones((2, 3, 3, 4)) * np.arange(4))
   np.testing.assert_allclose(pooled, np.tile(np.arange(4.0), (2, 1)))
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from configs import detcon_b
 from odin_jax import checkpoint, step
-from odin_jax.evaluate import runner
+from odin_jax.evaluate import datasets, features, grids, knn, runner
+from odin_jax.evaluate import settings as settings_lib
 from odin_jax.models import heads
 
 # Small everything: 4 scenes, a 4x4 stage4 grid (96-px test scenes resized
@@ -49,7 +50,7 @@ def run_dir(tmp_path_factory):
   tx = step.make_optimizer(config, step.learning_rate_schedule(config, 2, 0))
   rng = jax.random.PRNGKey(config.seed)
   init = jax.jit(lambda r: step.create_train_state(config, model, tx, r))
-  options = runner._INIT_COMPILER_OPTIONS  # pylint: disable=protected-access
+  options = features._INIT_COMPILER_OPTIONS  # pylint: disable=protected-access
   state = init.lower(rng).compile(compiler_options=options)(rng)
   noise = np.random.default_rng(0)
   params = jax.tree.map(
@@ -155,7 +156,7 @@ def test_second_evaluation_compiles_nothing(run_dir):
   is) reuses the compiled feature extractor and k-means: no XLA compilation,
   even with other parameter values."""
   config = _config()
-  params, batch_stats, _ = runner.load_params(config, str(run_dir))
+  params, batch_stats, _ = features.load_params(config, str(run_dir))
   # 160 px (stage4: 5x5), a grid no other test here compiles for, so the
   # first call has to compile.
   overrides = dict(_SMALL, image_size=160)
@@ -198,7 +199,7 @@ def test_in_memory_params_match_checkpoint_and_feed_writer(run_dir):
   which = ("discovery", "pictures")
   from_ckpt = runner.evaluate(config, str(run_dir), which=which,
                               overrides=_SMALL)
-  params, batch_stats, step = runner.load_params(config, str(run_dir))
+  params, batch_stats, step = features.load_params(config, str(run_dir))
   assert step == 2
   writer = _Writer()
   in_memory = runner.evaluate(config, str(run_dir / "live"), params=params,
@@ -211,6 +212,39 @@ def test_in_memory_params_match_checkpoint_and_feed_writer(run_dir):
                                                       3)
   assert (run_dir / "live" / "eval" / "results_step_7.json").is_file()
   assert (run_dir / "live" / "eval" / "step_7" / "discovery.png").is_file()
+
+
+def test_each_evaluation_is_its_modules_run(run_dir):
+  """runner.evaluate is a loop over the registry: each module's run(ctx),
+  called directly, gives exactly the runner's numbers, and discovery's are
+  clustering.kmeans_segmentations' proposals scored by discovery.score."""
+  from odin_jax.evaluate import clustering, discovery, instances
+  config = _config()
+  which = ("discovery", "instances", "knn")
+  params, batch_stats, _ = features.load_params(config, str(run_dir))
+  expected = runner.evaluate(config, str(run_dir / "direct"), params=params,
+                             batch_stats=batch_stats, step=2, which=which,
+                             overrides=_SMALL, log_table=False)
+  settings = settings_lib.settings_from_config(config, **_SMALL)
+  ctx = runner.make_context(config, settings, params, batch_stats,
+                            "checkpoint")
+  got = {}
+  for module in (discovery, instances, knn):
+    got.update(module.run(ctx).metrics)
+  assert got == expected
+  assert runner.REGISTRY["linear_probe"] == "probes"
+  assert runner.run_fn("discovery") is discovery.run
+
+  scenes = ctx.scenes(settings.num_images)
+  feats = ctx.scene_features(settings.num_images)
+  ks = ctx.ks(feats.shape[1:3])
+  maps = clustering.kmeans_segmentations(
+      feats, ks, key=ctx.stream("discovery"),
+      image_hw=scenes.instances.shape[1:], batch_size=settings.batch_size,
+      k_max=max(ks))
+  assert maps.shape == (len(scenes), len(ks)) + scenes.instances.shape[1:]
+  result = discovery.score(scenes, maps)
+  assert expected["discovery/abo_instance"] == result["abo_instance"]
 
 
 def test_random_init_and_mask_sources(run_dir):
@@ -250,18 +284,18 @@ def test_ground_truth_masks_are_perfect_proposals(run_dir):
 def test_load_params_errors(run_dir, tmp_path):
   config = _config()
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    runner.load_params(config, str(tmp_path))
+    features.load_params(config, str(tmp_path))
   with pytest.raises(ValueError, match="available: \\[2\\]"):
-    runner.load_params(config, str(run_dir), step=5)
+    features.load_params(config, str(run_dir), step=5)
   wider = _config()
   wider.model.width = 0.25
   with pytest.raises(ValueError, match="do not fit the network"):
-    runner.load_params(wider, str(run_dir))
+    features.load_params(wider, str(run_dir))
   with pytest.raises(ValueError, match="has no 'discovery_params'"):
-    runner.load_params(config, str(run_dir), params_key="discovery_params")
-  target, _, _ = runner.load_params(config, str(run_dir),
+    features.load_params(config, str(run_dir), params_key="discovery_params")
+  target, _, _ = features.load_params(config, str(run_dir),
                                     params_key="target_params")
-  online, _, _ = runner.load_params(config, str(run_dir))
+  online, _, _ = features.load_params(config, str(run_dir))
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(target), jax.tree.leaves(online)))
 
@@ -269,12 +303,12 @@ def test_load_params_errors(run_dir, tmp_path):
 def test_settings_and_helpers():
   config = _config()
   with pytest.raises(ValueError, match="Unknown eval setting"):
-    runner.settings_from_config(config, num_imgs=3)
-  parsed = runner.parse_overrides(["discovery_ks=1,2,4", "image_size=64",
+    settings_lib.settings_from_config(config, num_imgs=3)
+  parsed = settings_lib.parse_overrides(["discovery_ks=1,2,4", "image_size=64",
                                    "feature=stage3", "tfds_data_dir=None"])
   assert parsed == {"discovery_ks": (1, 2, 4), "image_size": 64,
                     "feature": "stage3", "tfds_data_dir": None}
-  settings = runner.settings_from_config(config, **parsed)
+  settings = settings_lib.settings_from_config(config, **parsed)
   assert settings.discovery_ks == (1, 2, 4)
   assert settings.num_images == config.eval.num_images  # from config.eval
   with pytest.raises(ValueError, match="Unknown evaluations"):
@@ -286,40 +320,40 @@ def test_settings_and_helpers():
   # 56x56), 256 at demo scale.
   from configs import odin
   paper = detcon_b.get_config()
-  assert runner.default_feature(paper) == "stage4"
+  assert features.default_feature(paper) == "stage4"
   assert paper.eval.image_size == 1024
   assert step.feature_grid(paper, 1024) == (32, 32)
   odin_paper = odin.get_config()
-  assert runner.default_feature(odin_paper) == "projection"
+  assert features.default_feature(odin_paper) == "projection"
   assert step.feature_grid(odin_paper, odin_paper.eval.image_size) == (
       256, 256)
-  assert runner.default_feature(detcon_b.get_config("swin_t")) == "stage4"
+  assert features.default_feature(detcon_b.get_config("swin_t")) == "stage4"
   vit = detcon_b.get_config("vit_b8")
-  assert runner.default_feature(vit) == "tokens"
+  assert features.default_feature(vit) == "tokens"
   assert step.feature_grid(vit, vit.eval.image_size) == (56, 56)
   demo = detcon_b.get_config("demo")
   assert demo.eval.image_size == 256
   # The demo's scenes are too small for stride 32 at 256 px (8x8 cells):
   # it clusters stage3 (16x16); an FPN keeps its projections.
-  assert runner.default_feature(demo) == "stage3"
-  assert runner.default_feature(odin.get_config("demo")) == "projection"
-  assert runner.default_feature(detcon_b.get_config("test")) == "stage4"
+  assert features.default_feature(demo) == "stage3"
+  assert features.default_feature(odin.get_config("demo")) == "projection"
+  assert features.default_feature(detcon_b.get_config("test")) == "stage4"
   # --set=resnet_feature=... (an EvalSettings override) reaches 'auto'.
-  settings = runner.settings_from_config(demo, resnet_feature="stage4")
-  assert runner.FeatureSource(demo, {}, {}, settings.feature,
+  settings = settings_lib.settings_from_config(demo, resnet_feature="stage4")
+  assert features.FeatureSource(demo, {}, {}, settings.feature,
                               resnet_feature=settings.resnet_feature
                               ).feature == "stage4"
-  assert runner.FeatureSource(demo, {}, {}).feature == "stage3"
+  assert features.FeatureSource(demo, {}, {}).feature == "stage3"
 
   classes = np.zeros((3, 4, 4), np.int32)
   classes[0, :2] = 2       # class 2: 8 px
   classes[0, 3, :3] = 5    # class 5: 3 px
   classes[1, :, :1] = 1
   classes[1, :, 1:3] = 4
-  np.testing.assert_array_equal(runner.dominant_class(classes), [2, 4, 0])
+  np.testing.assert_array_equal(knn.dominant_class(classes), [2, 4, 0])
 
   feats = np.arange(8 * 8 * 2, dtype=np.float32).reshape(8, 8, 2)
-  pool_cells = runner._pool_cells  # pylint: disable=protected-access
+  pool_cells = grids.pool_cells
   pooled = pool_cells(feats, 16)
   assert pooled.shape == (4, 4, 2)
   np.testing.assert_allclose(pooled[0, 0], feats[:2, :2].mean((0, 1)))
@@ -339,7 +373,7 @@ def test_coco_panoptic_instances():
                                   "label": np.array([0, 3, 79, 80]),
                                   "is_crowd": np.array([False, True, False,
                                                         False])}}
-  inst, cls = runner.coco_panoptic_instances(example)
+  inst, cls = datasets.coco_panoptic_instances(example)
   expected_inst = np.zeros((4, 6), np.int32)
   expected_inst[:2, :3] = 1
   expected_inst[:, 3:5] = 2

@@ -21,7 +21,9 @@ from skimage import transform
 
 from configs import detcon_b
 from odin_jax.evaluate import datasets
+from odin_jax.evaluate import folder as folder_lib
 from odin_jax.evaluate import runner
+from odin_jax.evaluate import settings as settings_lib
 from tests.test_tfds_eval import _central_square, run_eval_cli  # pylint: disable=g-bad-import-order
 
 SIZE = 64   # eval.image_size in these tests
@@ -83,19 +85,16 @@ def folder(tmp_path_factory):
 
 
 def _settings(**overrides):
-  return runner.settings_from_config(detcon_b.get_config("test"),
-                                     image_size=SIZE, **overrides)
+  return settings_lib.settings_from_config(detcon_b.get_config("test"),
+                                           image_size=SIZE, **overrides)
 
 
 def test_ground_truth_is_the_png_ids_cropped(folder):
   """The scenes the runner scores = each PNG read with NumPy, void / 0 as
   background, the other ids renumbered 1..G in ascending order, central
   square resized (nearest) to eval.image_size; images likewise."""
-  ctx = runner._Context(detcon_b.get_config("test"),
-                        _settings(folder_discovery=folder,
-                                  folder_background_ids=(0, VOID)),
-                        None, None)
-  chunks = list(runner._folder_scene_chunks(ctx))
+  chunks = list(datasets.folder_scene_chunks(
+      _settings(folder_discovery=folder, folder_background_ids=(0, VOID))))
   assert len(chunks) == 1
   scenes = chunks[0]
   assert scenes.images.shape == (len(IMAGES), SIZE, SIZE, 3)
@@ -119,9 +118,8 @@ def test_ground_truth_is_the_png_ids_cropped(folder):
                                   preserve_range=True)
     assert np.abs(scenes.images[i] - want_image).max() <= 1, rel
   # Without 255 among the background ids the void border is an instance.
-  ctx = runner._Context(detcon_b.get_config("test"),
-                        _settings(folder_discovery=folder), None, None)
-  first = next(runner._folder_scene_chunks(ctx)).instances[0]
+  first = next(datasets.folder_scene_chunks(
+      _settings(folder_discovery=folder))).instances[0]
   assert first.max() == len(IMAGES[0][3]) + 1
 
 
@@ -172,7 +170,7 @@ def test_bad_masks_stop_naming_the_file(tmp_path, case):
   one-line FolderDataError naming the file (and, for a missing mask, the
   path expected)."""
   root, bad = _bad_folder(tmp_path / "data", case)
-  with pytest.raises(datasets.FolderDataError) as err:
+  with pytest.raises(folder_lib.FolderDataError) as err:
     runner.evaluate(detcon_b.get_config("test"), str(tmp_path / "work"),
                     which="discovery", source="masks:grid",
                     overrides={"folder_discovery": root})
@@ -199,27 +197,27 @@ def test_coco_rgb_encoding_only_when_asked(tmp_path):
   Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(tmp_path / "images" /
                                                        "x.png")
   Image.fromarray(rgb).save(tmp_path / "masks" / "x.png")
-  with pytest.raises(datasets.FolderDataError, match="ids are expected"):
-    list(datasets.folder_examples(str(tmp_path)))
-  (_, _, inst), = datasets.folder_examples(str(tmp_path), encoding="coco_rgb")
+  with pytest.raises(folder_lib.FolderDataError, match="ids are expected"):
+    list(folder_lib.folder_examples(str(tmp_path)))
+  (_, _, inst), = folder_lib.folder_examples(str(tmp_path), encoding="coco_rgb")
   r, g, b = np.moveaxis(rgb.astype(np.int64), -1, 0)
   raw = r + 256 * g + 65536 * b
   np.testing.assert_array_equal(inst, np.select([raw == 263, raw == 131072],
                                                 [1, 2], 0))
-  with pytest.raises(datasets.FolderDataError, match="folder_mask_encoding"):
-    list(datasets.folder_examples(str(tmp_path), encoding="rgb"))
+  with pytest.raises(folder_lib.FolderDataError, match="folder_mask_encoding"):
+    list(folder_lib.folder_examples(str(tmp_path), encoding="rgb"))
 
 
 def test_layout_errors_name_the_folder(tmp_path):
-  with pytest.raises(datasets.FolderDataError, match="images/ \\+ masks/"):
-    datasets.list_pairs(str(tmp_path))
+  with pytest.raises(folder_lib.FolderDataError, match="images/ \\+ masks/"):
+    folder_lib.list_pairs(str(tmp_path))
   os.makedirs(tmp_path / "JPEGImages" / "v")
   os.makedirs(tmp_path / "Annotations" / "v")
-  with pytest.raises(datasets.FolderDataError, match="No image files"):
-    datasets.list_pairs(str(tmp_path))
+  with pytest.raises(folder_lib.FolderDataError, match="No image files"):
+    folder_lib.list_pairs(str(tmp_path))
   # DAVIS-style layout: JPEGImages/<video>/<frame>.jpg + Annotations/...png.
   Image.new("RGB", (6, 4)).save(tmp_path / "JPEGImages" / "v" / "0.jpg")
   Image.new("P", (6, 4)).save(tmp_path / "Annotations" / "v" / "0.png")
-  assert datasets.list_pairs(str(tmp_path)) == [datasets.Pair(
+  assert folder_lib.list_pairs(str(tmp_path)) == [folder_lib.Pair(
       str(tmp_path / "JPEGImages" / "v" / "0.jpg"),
       str(tmp_path / "Annotations" / "v" / "0.png"))]

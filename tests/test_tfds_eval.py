@@ -12,7 +12,7 @@ evaluation then opens them by name through `tfds.builder` / `tfds.load`,
 i.e. the real builder classes, exactly as it would a `tfds build` output.
 
 Pixels: demo scenes (textured shapes over photos, exact instance / class
-maps) for COCO and `video.make_clip` clips for DAVIS.
+maps) for COCO and `clips.make_clip` clips for DAVIS.
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ import tensorflow_datasets as tfds
 
 from configs import detcon_b
 from odin_jax.data import demo
-from odin_jax.evaluate import runner
+from odin_jax.evaluate import clips as clips_lib
+from odin_jax.evaluate import context
+from odin_jax.evaluate import datasets
+from odin_jax.evaluate import features as features_lib
+from odin_jax.evaluate import settings as settings_lib
 from odin_jax.evaluate import video
+from odin_jax.evaluate import video_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO, DAVIS = "coco/2017_panoptic", "davis/480p"
@@ -172,13 +177,13 @@ def _coco_raw(root: str) -> dict:
 # --- Raw DAVIS 2017 ------------------------------------------------------
 
 
-def _davis_clip(name: str) -> video.Clip:
+def _davis_clip(name: str) -> clips_lib.Clip:
   seed, objects, speed = CLIPS[name]
-  clip = video.make_clip(seed=seed, num_frames=DAVIS_FRAMES, image_size=128,
+  clip = clips_lib.make_clip(seed=seed, num_frames=DAVIS_FRAMES, image_size=128,
                          num_objects=objects, object_size=(0.35, 0.5),
                          max_speed=speed)
   top = (128 - DAVIS_HW[0]) // 2   # cut to 96x128, like DAVIS's 480x854
-  return video.Clip(clip.frames[:, top:top + DAVIS_HW[0]],
+  return clips_lib.Clip(clip.frames[:, top:top + DAVIS_HW[0]],
                     clip.masks[:, top:top + DAVIS_HW[0]], clip.velocities)
 
 
@@ -205,7 +210,7 @@ def _davis_raw(root: str) -> dict:
       mask.save(os.path.join(base, "Annotations", "480p", name,
                              f"{t:05d}.png"))
     # The frames as stored (the JPEGs decoded by TF) with the exact masks.
-    clips[name] = video.Clip(np.stack(written), clip.masks, clip.velocities)
+    clips[name] = clips_lib.Clip(np.stack(written), clip.masks, clip.velocities)
   with open(os.path.join(base, "ImageSets", "2017", "val.txt"), "w",
             encoding="utf-8") as f:
     f.write("\n".join(CLIPS) + "\n")
@@ -231,8 +236,8 @@ def tfds_dir(tmp_path_factory):
   return data_dir, truth, clips
 
 
-def _settings(data_dir, **overrides) -> runner.EvalSettings:
-  return runner.settings_from_config(
+def _settings(data_dir, **overrides) -> settings_lib.EvalSettings:
+  return settings_lib.settings_from_config(
       detcon_b.get_config("test"), tfds_discovery=COCO, tfds_video=DAVIS,
       tfds_data_dir=data_dir, image_size=COCO_SIZE, **overrides)
 
@@ -240,7 +245,7 @@ def _settings(data_dir, **overrides) -> runner.EvalSettings:
 def test_real_builders_read_the_datasets(tfds_dir):
   data_dir, truth, clips = tfds_dir
   for name in (COCO, DAVIS):
-    assert runner.tfds_prepared(name, data_dir) == (True, "")
+    assert datasets.tfds_prepared(name, data_dir) == (True, "")
     builder = tfds.builder(name, data_dir=data_dir)
     # The registered class (not the offline subclass) opens them.
     assert type(builder) is tfds.builder_cls(name.split("/")[0])
@@ -269,10 +274,9 @@ def test_coco_ground_truth_decoding(tfds_dir):
   size, not at a smaller crop upsampled (Odin App. A.4)."""
   data_dir, truth, _ = tfds_dir
   settings = _settings(data_dir, tfds_num_images=len(truth))
-  ctx = runner._Context(detcon_b.get_config("test"), settings, None, None)
-  scenes = runner._coco_scenes(ctx)
+  scenes = datasets.coco_scenes(settings)
   assert scenes is not None, "no thing instance decoded"
-  names = [ex["image/filename"].decode() for ex in runner._tfds_examples(
+  names = [ex["image/filename"].decode() for ex in datasets.tfds_examples(
       COCO, "validation", data_dir, len(truth))]
   assert sorted(names) == sorted(truth)
   assert scenes.images.shape == (len(truth), COCO_SIZE, COCO_SIZE, 3)
@@ -304,11 +308,12 @@ def test_davis_propagation_still_vs_moving(tfds_dir):
   far above the moving one."""
   data_dir, _, clips = tfds_dir
   config = detcon_b.get_config("test")
-  params, batch_stats = runner.init_params(config)
-  features = runner.FeatureSource(config, params, batch_stats,
-                                  feature="stage2", batch_size=DAVIS_FRAMES)
-  examples = list(runner._tfds_examples(DAVIS, "validation", data_dir,
-                                        len(clips)))
+  params, batch_stats = features_lib.init_params(config)
+  features = features_lib.FeatureSource(config, params, batch_stats,
+                                        feature="stage2",
+                                        batch_size=DAVIS_FRAMES)
+  examples = list(datasets.tfds_examples(DAVIS, "validation", data_dir,
+                                         len(clips)))
   order = [ex["metadata"]["video_name"].decode() for ex in examples]
   assert sorted(order) == sorted(CLIPS)
   expected = {}
@@ -322,11 +327,11 @@ def test_davis_propagation_still_vs_moving(tfds_dir):
     np.testing.assert_array_equal(frames, clip.frames)
     pred = video.propagate_video(features(frames, image_size=None),
                                  clip.masks[0])
-    expected[name] = video.evaluate_video(pred, clip.masks)
+    expected[name] = video_metrics.evaluate_video(pred, clip.masks)
     assert len(expected[name]["J"]) == CLIPS[name][1]
   # The runner on the first video, then on both (means over objects).
-  outs = [runner._davis_video(runner._Context(
-      config, _settings(data_dir, tfds_num_videos=n), features, None))
+  outs = [video.davis_scores(context.Context(
+      config, _settings(data_dir, tfds_num_videos=n), features))
           for n in (1, 2)]
   counts = [CLIPS[order[0]][1], sum(c[1] for c in CLIPS.values())]
   assert [o.info["davis/num_objects"] for o in outs] == counts
@@ -397,5 +402,4 @@ def test_more_examples_asked_than_the_split_holds(tfds_dir):
   (TFDS rejects the slice '[:count]' there)."""
   data_dir, truth, _ = tfds_dir
   settings = _settings(data_dir, tfds_num_images=len(truth) + 6)
-  ctx = runner._Context(detcon_b.get_config("test"), settings, None, None)
-  assert len(runner._coco_scenes(ctx).images) == len(truth)
+  assert len(datasets.coco_scenes(settings).images) == len(truth)

@@ -1,18 +1,20 @@
-"""Evaluation metric library: what the papers measure features by.
+"""Evaluation: what the papers measure features by (docs/evaluation.md).
 
 Modules (import them directly; this package imports nothing heavy):
-  discovery  Object discovery (Odin §3.2, App. A.4): best overlap of
-             ground-truth segments with k-means proposals; ABO^i, ABO^c, OR.
-  instances  Instance-recall analysis (instance-segmentation analysis paper,
-             §3): spectral clustering for several K, connected-component
-             splitting, recall grouped by same-class co-occurrence.
-  video      Video label propagation (DINO's protocol, as in Odin Table 5):
-             nearest-neighbour propagation of first-frame masks, J / F / J&F,
-             and generated clips of moving textured objects.
-  probes     Frozen-feature probes: linear per-pixel classifier (mIoU) and
-             k-NN classification of pooled features.
-  pictures   Image | ground truth | k-means segments | PCA of features
-             panels (Odin Fig. 2 style) and PNG writing.
-  datasets   Your own evaluation data: a folder of images with instance-id
-             PNG masks (eval.folder_discovery), checked file by file.
+  runner       the driver: sources, the registry of evaluations (name ->
+               module with `run(ctx)`), results JSON / PNG / TensorBoard.
+  settings     EvalSettings: every config.eval field and its default.
+  context      Context (what `run(ctx)` receives) and Output.
+  features     parameters (checkpoint / initialisation) -> feature maps.
+  datasets     demo scenes, COCO, DAVIS, a folder (files: folder.py).
+  clustering   k-means and spectral proposals (one compiled k-means).
+  discovery    Object discovery (Odin §3.2, App. A.4): ABO^i, ABO^c, OR.
+  instances    Instance recall by same-class co-occurrence (instance-
+               segmentation analysis paper, §3).
+  video        DINO's label propagation (scores: video_metrics, generated
+               clips: clips).
+  probes, knn  Frozen-feature linear probe (mIoU) and k-NN.
+  pictures     image | ground truth | k-means segments | feature PCA.
+  linear       BYOL's linear evaluation (opt-in: imagenet_linear).
+  report       The end-of-training report (θ vs ξ vs random init vs FH).
 """

@@ -4,7 +4,8 @@ Evaluates the latest checkpoint in DIR (or --step=N), a random-init network
 (--source=random) or a mask set (--source=masks:fh|slic|grid|gt), prints the
 metrics table and writes DIR/eval/results_<tag>.json, DIR/eval/<tag>/*.png
 and (with --tensorboard) TensorBoard events in DIR. See
-odin_jax/evaluate/runner.py for the protocols. Examples:
+odin_jax/evaluate/runner.py (the driver) and each evaluation's module for
+the protocols, docs/evaluation.md for measured results. Examples:
 
   python -m odin_jax.evaluate --config=configs/detcon_b.py:demo --workdir=DIR
   python -m odin_jax.evaluate --config=configs/detcon_b.py:demo --workdir=DIR \\
@@ -31,10 +32,11 @@ _STEP = flags.DEFINE_integer("step", None,
                              "Checkpoint step (default: the latest).")
 _EVALS = flags.DEFINE_list(
     "evals", None, "Evaluations (default config.eval.evals, i.e. all): "
-    "discovery, instances, video, linear_probe, knn, pictures, or 'periodic'.")
+    "discovery, instances, video, linear_probe, knn, pictures, "
+    "imagenet_linear (opt-in), or 'periodic'.")
 _SOURCE = flags.DEFINE_string(
     "source", "checkpoint", "checkpoint | random | masks:fh | masks:slic | "
-    "masks:grid | masks:gt")
+    "masks:grid | masks:gt | masks:hierarchy | init_from:PATH")
 _PARAMS = flags.DEFINE_enum(
     "params", "params", ["params", "target_params", "discovery_params"],
     "Which network of the checkpoint: online θ, EMA target ξ, or Odin's τ.")
@@ -52,6 +54,7 @@ def main(argv):
   # Imported here so --help is fast and TF/JAX start after flag parsing.
   from odin_jax import runtime
   from odin_jax.evaluate import runner
+  from odin_jax.evaluate import settings
   runtime.setup()
   writer = None
   if _TENSORBOARD.value:
@@ -64,7 +67,7 @@ def main(argv):
   metrics = runner.evaluate(
       _CONFIG.value, _WORKDIR.value, step=_STEP.value, which=which,
       source=_SOURCE.value, params_key=_PARAMS.value, writer=writer,
-      overrides=runner.parse_overrides(_SET.value), log_table=False)
+      overrides=settings.parse_overrides(_SET.value), log_table=False)
   if writer is not None:
     writer.close()
   logging.info("Done.")

@@ -28,6 +28,13 @@ Proposals can be given two ways:
     no [P, H, W] array: intersections are counted with one bincount per map
     (`best_overlaps_from_segmentations`). Both give identical numbers.
 
+`run(ctx)` is the evaluation (k-means proposals from
+`clustering.kmeans_segmentations`, or a mask source's own segmentation, on
+the demo scenes, then COCO / a folder when configured); the mask sets of
+eval.mask_baselines (FH / SLIC / grid, parameters from config.masks; a 1x1
+grid becomes 5x5) are scored as proposals too: 'discovery/<m>/...' (DetCon
+Fig. 7's axis).
+
 Counting is exact: products run in float32 only while H*W < 2^24 (float32
 integers are exact below that), in float64 otherwise.
 """
@@ -35,12 +42,11 @@ integers are exact below that), in float64 otherwise.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 
-# Odin App. A.4: K in {1, 2, 4, ..., 128} -> 255 proposals.
-DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)
+from odin_jax.evaluate import clustering
+from odin_jax.evaluate import context as context_lib
 # Odin App. A.4, eq. (11): a segment counts as recovered when BO > 0.5.
 RECOVERY_THRESHOLD = 0.5
 
@@ -279,123 +285,61 @@ class DiscoveryAccumulator:
     return out
 
 
-def resize_nearest(labels, out_hw: Sequence[int]) -> np.ndarray:
-  """Nearest-neighbour resize of the last two axes.
-
-  Output pixel i samples input index floor((i + 0.5) * h / H) (pixel-centre
-  alignment, so an integer upscale repeats every cell exactly s times).
-
-  Args:
-    labels: array [..., h, w] (any dtype).
-    out_hw: (H, W).
-  Returns:
-    array [..., H, W] of the same dtype.
-  """
-  labels = np.asarray(labels)
-  h, w = labels.shape[-2:]
-  out_h, out_w = int(out_hw[0]), int(out_hw[1])
-  rows = np.minimum(((np.arange(out_h) + 0.5) * h / out_h).astype(np.int64),
-                    h - 1)
-  cols = np.minimum(((np.arange(out_w) + 0.5) * w / out_w).astype(np.int64),
-                    w - 1)
-  return labels[..., rows[:, None], cols[None, :]]
+def score(scenes, maps, acc: DiscoveryAccumulator | None = None) -> dict:
+  """maps int [N, S', H, W] (S' segmentations of each of the N scenes) ->
+  `DiscoveryAccumulator.result()` over these scenes (or over everything
+  `acc` has seen when one is passed)."""
+  acc = acc if acc is not None else DiscoveryAccumulator()
+  for i in range(len(maps)):
+    masks, classes = scenes.gt(i)
+    acc.update(masks, classes, segment_maps=maps[i])
+  return acc.result()
 
 
-def area_matrix(n_out: int, n_in: int) -> np.ndarray:
-  """Box-filter resize weights along one axis.
-
-  Returns float64 [n_out, n_in]: entry (i, j) is the fraction of output cell
-  i (spanning input coordinates [i n_in / n_out, (i + 1) n_in / n_out))
-  covered by input pixel j; rows sum to 1. `A @ x` averages x over cells.
-  """
-  edges = np.arange(n_out + 1) * (n_in / n_out)
-  lo = np.maximum(edges[:-1, None], np.arange(n_in)[None])
-  hi = np.minimum(edges[1:, None], np.arange(n_in)[None] + 1)
-  return np.maximum(hi - lo, 0.0) / (n_in / n_out)
+def _named(prefix: str, result: dict) -> context_lib.Output:
+  return context_lib.Output(
+      metrics={f"{prefix}/{k}": float(result[k]) for k in METRIC_KEYS},
+      info={f"{prefix}/num_images": int(result["num_images"])})
 
 
-def segments_to_proposals(segment_map, num_segments: int | None = None):
-  """One binary proposal per segment of a label map.
+def kmeans_maps(ctx, feats, key, image_hw, ks=None) -> np.ndarray:
+  """Odin App. A.4 segmentations int32 [N, len(ks), H, W] of feats [N, h, w,
+  D] (ks default: every usable eval.discovery_ks), by one k-means program
+  per grid (K_max = the grid's largest usable K)."""
+  usable = ctx.ks(feats.shape[1:3])
+  return clustering.kmeans_segmentations(
+      feats, usable if ks is None else ks, key=key, image_hw=image_hw,
+      batch_size=ctx.settings.batch_size, k_max=max(usable))
 
-  Args:
-    segment_map: int [H, W]; negative labels are unlabelled.
-    num_segments: if given, labels 0..num_segments-1 each give a mask (empty
-      ones included, so the count is fixed); otherwise the distinct
-      non-negative labels present, ascending.
-  Returns:
-    bool [P, H, W].
-  """
-  segment_map = np.asarray(segment_map)
-  if num_segments is None:
-    labels = np.unique(segment_map)
-    labels = labels[labels >= 0]
+
+def run(ctx) -> context_lib.Output:
+  """Object discovery (Odin App. A.4) on the demo scenes (+ mask sets,
+  COCO and a folder when configured)."""
+  s = ctx.settings
+  scenes = ctx.scenes(s.num_images)
+  hw = scenes.instances.shape[1:]
+  out = context_lib.Output()
+  if ctx.features is not None:
+    feats = ctx.scene_features(s.num_images)
+    ks = ctx.ks(feats.shape[1:3])
+    maps = kmeans_maps(ctx, feats, ctx.stream("discovery"), hw)
+    out.info.update({"discovery/ks": list(ks),
+                     "discovery/grid": list(feats.shape[1:3]),
+                     "discovery/num_proposals": int(sum(ks)),
+                     "discovery/feature": ctx.features.feature})
+    baselines = tuple(s.mask_baselines)
   else:
-    labels = np.arange(num_segments)
-  return segment_map[None] == labels[:, None, None]
+    maps = scenes.segments(ctx.mask_method)[:, None]
+    baselines = ()
+  out.update(_named("discovery", score(scenes, maps)))
+  for method in baselines:
+    result = score(scenes, scenes.segments(method)[:, None])
+    out.update(_named(f"discovery/{method}", result))
+  accs = {}
+  for prefix, c, chunk, feats in ctx.scene_chunks("discovery", out):
+    maps = kmeans_maps(ctx, feats, ctx.stream("discovery", c),
+                       chunk.instances.shape[1:])
+    acc = accs.setdefault(prefix, DiscoveryAccumulator())
+    out.update(_named(f"{prefix}/discovery", score(chunk, maps, acc)))
+  return out
 
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def kmeans_segmentations(features, ks: Sequence[int] = DEFAULT_KS, *, key,
-                         image_hw: Sequence[int] | None = None,
-                         num_iters: int = 20) -> np.ndarray:
-  """k-means segmentations of L2-normalised features, one per K.
-
-  Uses `odin_jax.discovery.kmeans.kmeans` (k-means++ seeding, fixed Lloyd
-  iterations; jitted per static K, so the first call per K and grid size
-  compiles). K larger than the number of cells is clipped to it.
-
-  Args:
-    features: float [h, w, D] or a batch [B, h, w, D].
-    ks: numbers of clusters (Odin App. A.4: 1, 2, 4, ..., 128).
-    key: jax PRNG key; K number i uses fold_in(key, i).
-    image_hw: (H, W) to resize the maps to (nearest); None keeps (h, w).
-    num_iters: Lloyd iterations.
-  Returns:
-    int32 [S, H, W] (or [B, S, H, W]) label maps, S = len(ks), labels of map
-    s in [0, ks[s]).
-  """
-  import jax  # Local: the rest of this module is numpy only.
-  from odin_jax.discovery.kmeans import kmeans
-
-  features = np.asarray(features, np.float32)
-  single = features.ndim == 3
-  if single:
-    features = features[None]
-  batch, h, w, dim = features.shape
-  points = _l2_normalise(features.reshape(batch, h * w, dim))
-  maps = []
-  for i, k in enumerate(ks):
-    k = min(int(k), h * w)
-    assign, _ = kmeans(points, k, jax.random.fold_in(key, i),
-                       num_iters=num_iters)
-    maps.append(np.asarray(assign, np.int32).reshape(batch, h, w))
-  maps = np.stack(maps, axis=1)
-  if image_hw is not None:
-    maps = resize_nearest(maps, image_hw)
-  return maps[0] if single else maps
-
-
-def kmeans_proposals(features, ks: Sequence[int] = DEFAULT_KS, *, key,
-                     image_hw: Sequence[int] | None = None,
-                     num_iters: int = 20) -> np.ndarray:
-  """Odin App. A.4 proposals: every cluster of k-means for every K.
-
-  Args:
-    features: float [h, w, D] (the caller picks the layer / projections).
-    ks: numbers of clusters; the default gives 255 proposals.
-    key: jax PRNG key.
-    image_hw: (H, W) image resolution (nearest upsampling); None = (h, w).
-    num_iters: Lloyd iterations.
-  Returns:
-    bool [sum(min(K, h*w)), H, W]: for each K in order, its K cluster masks
-    (a cluster left empty gives an empty mask, so the count is fixed).
-    For memory-light scoring use `kmeans_segmentations` + `segment_maps=`.
-  """
-  maps = kmeans_segmentations(features, ks, key=key, image_hw=image_hw,
-                              num_iters=num_iters)
-  h, w = np.asarray(features).shape[:2]
-  return np.concatenate([
-      segments_to_proposals(m, min(int(k), h * w)) for m, k in zip(maps, ks)])

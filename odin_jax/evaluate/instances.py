@@ -7,7 +7,8 @@ Self-Supervised Features for Learning Unsupervised Instance Segmentation"),
      similarity of their features.
   2. K-way spectral clustering of that affinity, for several K, all masks
      accumulated. The paper uses K in {2, 3, 4, 5} ("14 overlapping masks per
-     image", App. A.2.1 and Table 4 of its appendix) -> `DEFAULT_KS`.
+     image", App. A.2.1 and Table 4 of its appendix) ->
+     `clustering.SPECTRAL_KS`.
   3. Masks with non-connected components are split into one mask per
      component (App. A.3 "Non-connected component splitting").
   4. "Mean average recall" of the ground-truth instances (§3, Table 1),
@@ -39,6 +40,11 @@ Choices the paper leaves open, made here:
     eval.instance_feature='auto' for a ViT); other backbones: the discovery
     features (eval.feature).
 
+The proposals come from `clustering.instance_segmentations` (all images
+and K by one compiled k-means); `run(ctx)` is the evaluation on the demo
+scenes (and COCO / a folder when configured). Grids with more than
+eval.spectral_max_cells cells are area-pooled first (`grids.pool_cells`).
+
 Cost: the affinity is dense, (h*w)^2 floats: fine up to ~64x64 grids
 (4096 cells: 64 MB and a partial eigendecomposition of a 4096x4096 matrix).
 """
@@ -49,162 +55,17 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import linalg as sp_linalg
-from scipy import ndimage
 
+from odin_jax.evaluate import clustering
+from odin_jax.evaluate import context as context_lib
 from odin_jax.evaluate import discovery
+from odin_jax.evaluate import grids
 
-DEFAULT_KS = (2, 3, 4, 5)
 IOU_THRESHOLD = 0.5
 # COCO's AR grid: IoU 0.50, 0.55, ..., 0.95.
 AR_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 # Table 1's columns: 1, 2, 3, 4, 5 and 6+ same-class instances in the image.
 CO_OCCURRENCE_BINS = ("1", "2", "3", "4", "5", "6+")
-
-
-def cosine_affinity(features, affinity: str = "clip") -> np.ndarray:
-  """Cosine-similarity affinity of the cells of one feature map.
-
-  Args:
-    features: float [h, w, D] or [N, D].
-    affinity: 'clip' (max(cos, 0)) or 'shift' ((1 + cos) / 2).
-  Returns:
-    float64 [N, N], N = h*w, symmetric, non-negative, diagonal 1 (for
-    non-zero features).
-  """
-  x = np.asarray(features, np.float64)
-  x = x.reshape(-1, x.shape[-1])
-  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  cos = x @ x.T
-  if affinity == "clip":
-    return np.maximum(cos, 0.0)
-  if affinity == "shift":
-    return (1.0 + cos) / 2.0
-  raise ValueError(f"affinity must be 'clip' or 'shift', got {affinity!r}")
-
-
-def spectral_embedding(affinity_matrix, num_vectors: int) -> np.ndarray:
-  """Leading eigenvectors of the normalised affinity D^-1/2 W D^-1/2.
-
-  Args:
-    affinity_matrix: float [N, N] symmetric, non-negative.
-    num_vectors: how many eigenvectors (<= N).
-  Returns:
-    float64 [N, num_vectors], columns ordered by decreasing eigenvalue
-    (column j = the j-th smallest eigenvector of the normalised Laplacian).
-  """
-  w = np.asarray(affinity_matrix, np.float64)
-  n = w.shape[0]
-  num_vectors = min(int(num_vectors), n)
-  inv_sqrt_degree = 1.0 / np.sqrt(np.maximum(w.sum(axis=1), 1e-12))
-  m = w * inv_sqrt_degree[:, None] * inv_sqrt_degree[None, :]
-  _, vectors = sp_linalg.eigh(m, subset_by_index=[n - num_vectors, n - 1])
-  vectors = vectors[:, ::-1]
-  # Deterministic signs: the largest-magnitude entry of each vector > 0.
-  pivot = np.argmax(np.abs(vectors), axis=0)
-  signs = np.sign(vectors[pivot, np.arange(vectors.shape[1])])
-  return vectors * np.where(signs == 0, 1.0, signs)
-
-
-def spectral_segmentations(features, ks: Sequence[int] = DEFAULT_KS, *, key,
-                           affinity: str = "clip",
-                           num_iters: int = 30) -> np.ndarray:
-  """K-way spectral clusterings of one feature map for several K.
-
-  Args:
-    features: float [h, w, D].
-    ks: numbers of clusters (paper: 2, 3, 4, 5).
-    key: jax PRNG key for k-means (K number i uses fold_in(key, i)).
-    affinity: 'clip' or 'shift' (`cosine_affinity`).
-    num_iters: Lloyd iterations.
-  Returns:
-    int32 [len(ks), h, w] label maps, map i with labels in [0, ks[i]).
-  """
-  import jax  # Local: only needed for the k-means.
-  from odin_jax.discovery.kmeans import kmeans
-
-  features = np.asarray(features)
-  h, w = features.shape[:2]
-  n = h * w
-  ks = [min(int(k), n) for k in ks]
-  embedding = spectral_embedding(cosine_affinity(features, affinity), max(ks))
-  maps = []
-  for i, k in enumerate(ks):
-    rows = embedding[:, :k]
-    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True),
-                             1e-12)
-    assign, _ = kmeans(rows[None].astype(np.float32), k,
-                       jax.random.fold_in(key, i), num_iters=num_iters)
-    maps.append(np.asarray(assign[0], np.int32).reshape(h, w))
-  return np.stack(maps)
-
-
-def split_components(segment_map, connectivity: int = 2) -> np.ndarray:
-  """Relabels a segmentation so that every connected component is a segment.
-
-  Args:
-    segment_map: int [H, W]; negative = unlabelled (stays -1).
-    connectivity: 1 (4-neighbours) or 2 (8-neighbours).
-  Returns:
-    int32 [H, W] with labels 0..C-1, one per connected component of each
-    original segment (components numbered segment by segment, in raster
-    order within a segment).
-  """
-  segment_map = np.asarray(segment_map)
-  structure = ndimage.generate_binary_structure(2, connectivity)
-  out = np.full(segment_map.shape, -1, np.int32)
-  offset = 0
-  for label in np.unique(segment_map):
-    if label < 0:
-      continue
-    mask = segment_map == label
-    components, count = ndimage.label(mask, structure=structure)
-    out[mask] = components[mask] - 1 + offset
-    offset += count
-  return out
-
-
-def split_mask_components(mask, connectivity: int = 2) -> np.ndarray:
-  """Connected components of one binary mask, as separate masks.
-
-  Args:
-    mask: bool [H, W].
-    connectivity: 1 (4-neighbours) or 2 (8-neighbours).
-  Returns:
-    bool [C, H, W] (C = 0 for an empty mask).
-  """
-  structure = ndimage.generate_binary_structure(2, connectivity)
-  components, count = ndimage.label(np.asarray(mask, bool),
-                                    structure=structure)
-  return components[None] == np.arange(1, count + 1)[:, None, None]
-
-
-def instance_segmentations(features, ks: Sequence[int] = DEFAULT_KS, *, key,
-                           image_hw: Sequence[int] | None = None,
-                           affinity: str = "clip", split: bool = True,
-                           connectivity: int = 2,
-                           num_iters: int = 30) -> np.ndarray:
-  """Spectral clusterings, components split, at image resolution.
-
-  Every label of every returned map is one proposal (use them with
-  `discovery.best_overlaps_from_segmentations` or `instance_recall`).
-
-  Args:
-    features: float [h, w, D].
-    ks, key, affinity, num_iters: as in `spectral_segmentations`.
-    image_hw: (H, W) for nearest upsampling; None keeps (h, w).
-    split: split non-connected segments into components (paper: yes).
-    connectivity: 1 or 2 (8-neighbours, default).
-  Returns:
-    int32 [len(ks), H, W].
-  """
-  maps = spectral_segmentations(features, ks, key=key, affinity=affinity,
-                                num_iters=num_iters)
-  if split:
-    maps = np.stack([split_components(m, connectivity) for m in maps])
-  if image_hw is not None:
-    maps = discovery.resize_nearest(maps, image_hw)
-  return maps
 
 
 def co_occurrence_bins(gt_classes) -> np.ndarray:
@@ -325,3 +186,86 @@ class InstanceRecallAccumulator:
     out["ar_all"] = ar_hits.sum() / total if total else math.nan
     out["recall_all"] = r50_hits.sum() / total if total else math.nan
     return out
+
+
+def score(prefix: str, scenes, maps_fn, acc=None) -> context_lib.Output:
+  """Adds scenes' instances (proposals maps_fn(i) int [S', H, W]) to acc
+  (default: a new one) and returns the metrics of everything acc holds:
+  '<prefix>/ar_<col>' (AR over IoU 0.5:0.95, the headline) and
+  '<prefix>/recall_<col>' (R@0.5), col in 1..5, 6+, all."""
+  acc = acc if acc is not None else InstanceRecallAccumulator()
+  for i in range(len(scenes)):
+    masks, classes = scenes.gt(i)
+    acc.update(masks, classes, segment_maps=maps_fn(i))
+  result = acc.result()
+  out = context_lib.Output()
+  # Columns without any instance (NaN) go to info only, not to the curves.
+  for kind in ("ar", "recall"):
+    for name in CO_OCCURRENCE_BINS + ("all",):
+      value = float(result[f"{kind}_{name}"])
+      if math.isfinite(value):
+        out.metrics[f"{prefix}/{kind}_{name}"] = value
+  for name in CO_OCCURRENCE_BINS:
+    out.info[f"{prefix}/count_{name}"] = int(result[f"count_{name}"])
+  return out
+
+
+def instance_feature(ctx) -> str:
+  """The feature instance recall clusters (eval.instance_feature): 'auto' =
+  a ViT's last-block attention keys ('keys', the paper's §3), else the
+  discovery features."""
+  name = ctx.settings.instance_feature
+  if name != "auto":
+    return name
+  if ctx.config.model.get("backbone", "resnet") == "vit":
+    return "keys"
+  return ctx.features.feature
+
+
+def _features(ctx, images, discovery_feats):
+  """Features [N, h, w, D] for instance recall: discovery_feats when the
+  feature is the same, else another pass of the same network."""
+  feature = instance_feature(ctx)
+  if feature == ctx.features.feature:
+    return discovery_feats
+  return ctx.features.with_feature(feature)(images)
+
+
+def proposals(ctx, feats, key, image_hw):
+  """Pooled spectral proposals int32 [N, len(spectral_ks), H, W] of feats
+  [N, h, w, D], and the pooled grid (h', w')."""
+  s = ctx.settings
+  pooled = np.stack([grids.pool_cells(f, s.spectral_max_cells)
+                     for f in feats])
+  maps = clustering.instance_segmentations(
+      pooled, s.spectral_ks, key=key, image_hw=image_hw,
+      batch_size=s.batch_size)
+  return maps, pooled.shape[1:3]
+
+
+def run(ctx) -> context_lib.Output:
+  """Instance recall by same-class co-occurrence (spectral clustering) on
+  the demo scenes (+ COCO and a folder when configured)."""
+  s = ctx.settings
+  scenes = ctx.scenes(s.num_images)
+  if ctx.features is None:
+    segs = scenes.segments(ctx.mask_method)
+    return score("instances", scenes,
+                 lambda i: clustering.split_components(segs[i])[None])
+  feats = _features(ctx, scenes.images, ctx.scene_features(s.num_images))
+  maps, grid = proposals(ctx, feats, ctx.stream("instances"),
+                         scenes.instances.shape[1:])
+  out = score("instances", scenes, lambda i: maps[i])
+  out.info["instances/grid"] = list(grid)
+  out.info["instances/ks"] = list(s.spectral_ks)
+  out.info["instances/feature"] = instance_feature(ctx)
+  accs = {}
+  for prefix, c, chunk, feats in ctx.scene_chunks("instances", out):
+    maps, grid = proposals(ctx, _features(ctx, chunk.images, feats),
+                           ctx.stream("instances", c),
+                           chunk.instances.shape[1:])
+    acc = accs.setdefault(prefix, InstanceRecallAccumulator())
+    out.update(score(f"{prefix}/instances", chunk, lambda i: maps[i], acc))
+    out.info[f"{prefix}/instances/grid"] = list(grid)
+    out.info[f"{prefix}/instances/feature"] = instance_feature(ctx)
+  return out

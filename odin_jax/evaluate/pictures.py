@@ -6,7 +6,10 @@ coloured with a fixed palette (label l always gets the same colour, so
 panels of one image are comparable across training steps); the feature PCA
 maps the first three principal components of the cells' features to R, G,
 B (each min-max scaled over the image; component signs fixed so the
-picture does not flicker between evaluations).
+picture does not flicker between evaluations). `run(ctx)` is the 'pictures'
+evaluation: panels of the first eval.picture_images demo scenes (k-means at
+K = eval.picture_k; a mask source shows its own segmentation) and of the
+first folder images when eval.folder_discovery is set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from odin_jax import checkpoint
+from odin_jax import numerics
+from odin_jax.evaluate import context as context_lib
 from odin_jax.evaluate import discovery
 
 # Colour of negative (unlabelled) labels and of ignore_label pixels.
@@ -117,8 +122,8 @@ def discovery_panel(image, gt, segments, features,
     raise ValueError(f"gt {gt.shape} must match the image {hw}")
   segments = np.asarray(segments)
   if segments.shape != hw:
-    segments = discovery.resize_nearest(segments, hw)
-  pca = discovery.resize_nearest(np.moveaxis(pca_rgb(features), -1, 0), hw)
+    segments = numerics.resize_nearest(segments, hw)
+  pca = numerics.resize_nearest(np.moveaxis(pca_rgb(features), -1, 0), hw)
   return np.concatenate([image, colorize(gt, ignore_label),
                          colorize(segments, ignore_label),
                          np.moveaxis(pca, 0, -1)], axis=1)
@@ -166,7 +171,7 @@ def overlay(image, labels, alpha: float = 0.55) -> np.ndarray:
   Returns uint8 [H, W, 3].
   """
   image = to_uint8_image(image)
-  labels = discovery.resize_nearest(labels, image.shape[:2])
+  labels = numerics.resize_nearest(np.asarray(labels), image.shape[:2])
   tint = colorize(labels, ignore_label=None).astype(np.float64)
   return np.round(image * (1 - alpha) + tint * alpha).astype(np.uint8)
 
@@ -186,11 +191,12 @@ def training_masks_panel(span, span_segments, view1, mask1, view2,
   """
   span = to_uint8_image(span)
   p = span.shape[0]
-  segments = colorize(discovery.resize_nearest(span_segments, (p, p)),
-                      ignore_label=None)
+  segments = colorize(
+      numerics.resize_nearest(np.asarray(span_segments), (p, p)),
+      ignore_label=None)
   views = np.concatenate([overlay(view1, mask1), overlay(view2, mask2)], 0)
   width = max(1, round(views.shape[1] * p / views.shape[0]))
-  views = np.moveaxis(discovery.resize_nearest(
+  views = np.moveaxis(numerics.resize_nearest(
       np.moveaxis(views, -1, 0), (p, width)), 0, -1)
   return np.concatenate([span, segments, views], axis=1)
 
@@ -212,9 +218,44 @@ def sampled_masks_panel(view1, mask1, ids1, view2, mask2, ids2
   rows = []
   for view, mask, ids in ((view1, mask1, ids1), (view2, mask2, ids2)):
     view = to_uint8_image(view)
-    mask = discovery.resize_nearest(np.asarray(mask), view.shape[:2])
+    mask = numerics.resize_nearest(np.asarray(mask), view.shape[:2])
     sampled = np.isin(mask, np.asarray(ids)[np.asarray(ids) >= 0])
     dark = np.round(view * 0.25).astype(np.uint8)
     chosen = np.where(sampled[..., None], overlay(view, mask), dark)
     rows.append(np.concatenate([view, overlay(view, mask), chosen], axis=1))
   return np.concatenate(rows, axis=0)
+
+
+def _onehot_features(segments) -> np.ndarray:
+  """int [H, W] -> float32 [H, W, L] (so a mask set has a 'feature' PCA)."""
+  segments = np.asarray(segments)
+  labels = np.unique(segments)
+  return (segments[..., None] == labels).astype(np.float32)
+
+
+def _panels(ctx, scenes, feats, n: int) -> np.ndarray:
+  """Stacked panels of the first n scenes, k-means at K = picture_k."""
+  k = min(int(ctx.settings.picture_k), max(ctx.ks(feats.shape[1:3])))
+  segs = discovery.kmeans_maps(ctx, feats[:n], ctx.stream("pictures"),
+                               scenes.instances.shape[1:], ks=(k,))[:, 0]
+  return stack_rows([discovery_panel(scenes.images[i], scenes.instances[i],
+                                     segs[i], feats[i]) for i in range(n)])
+
+
+def run(ctx) -> context_lib.Output:
+  """image | instances | segments | feature PCA for the first scenes."""
+  n = ctx.settings.picture_images
+  scenes = ctx.scenes(n)
+  out = context_lib.Output()
+  if ctx.features is not None:
+    out.pictures["discovery"] = _panels(ctx, scenes, ctx.scene_features(n), n)
+  else:
+    segs = scenes.segments(ctx.mask_method)
+    out.pictures["discovery"] = stack_rows([
+        discovery_panel(scenes.images[i], scenes.instances[i], segs[i],
+                        _onehot_features(segs[i])) for i in range(n)])
+  for prefix, _, chunk, feats in ctx.scene_chunks("pictures", out):
+    n = min(n, len(chunk))
+    out.pictures[f"{prefix}/discovery"] = _panels(ctx, chunk, feats, n)
+    break  # the first chunk's first picture_images
+  return out

@@ -1,4 +1,4 @@
-"""Frozen-feature probes: linear per-pixel segmentation and k-NN.
+"""Frozen-feature linear probe: per-pixel semantic segmentation (mIoU).
 
 Linear probe (semantic segmentation, mIoU):
   * Frozen features [N, h, w, D] are standardised per channel with the
@@ -16,12 +16,14 @@ Linear probe (semantic segmentation, mIoU):
     confusion matrix over pixels whose label is not `ignore_label`, averaged
     over the classes present in the ground truth or the prediction.
 
-k-NN (image classification of pooled features):
-  * Features pooled (mean over cells, optionally within a mask) and
-    L2-normalised; cosine similarity to every training feature; the k most
-    similar vote with weight exp(similarity / T); the class with the largest
-    summed weight wins. Defaults k=20, T=0.07 (weighted k-NN of Wu et al.
-    2018 as used by DINO; the papers here do not fix them).
+`run(ctx)` trains it on eval.probe_train_images demo scenes and tests on
+eval.probe_test_images others (background + 5 shape classes). On the demo
+it cannot rank networks: classes are shapes with random photo textures and
+the background is another random photo, so neither the class nor even
+object-vs-background is a property of a cell's feature; the probe predicts
+background (mIoU ~0.13 = background IoU / 6 for trained and random
+networks alike). It is meant for datasets whose classes have an
+appearance (VOC-like; TFDS has no VOC segmentation masks).
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from odin_jax.evaluate import discovery
+from odin_jax.evaluate import context as context_lib
+from odin_jax.evaluate import grids
 
 IGNORE_LABEL = 255
-KNN_K = 20
-KNN_TEMPERATURE = 0.07
 
 
 def downsample_labels(labels, grid_hw: Sequence[int], num_classes: int,
@@ -58,8 +59,8 @@ def downsample_labels(labels, grid_hw: Sequence[int], num_classes: int,
   """
   labels = np.asarray(labels).astype(np.int64)
   h, w = int(grid_hw[0]), int(grid_hw[1])
-  rows = discovery.area_matrix(h, labels.shape[1]).astype(np.float32)
-  cols = discovery.area_matrix(w, labels.shape[2]).astype(np.float32)
+  rows = grids.area_matrix(h, labels.shape[1]).astype(np.float32)
+  cols = grids.area_matrix(w, labels.shape[2]).astype(np.float32)
   valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_label)
   fractions = np.empty((labels.shape[0], h, w, num_classes), np.float32)
   for c in range(num_classes):  # One class at a time bounds memory.
@@ -244,70 +245,35 @@ def linear_probe_miou(train_features, train_labels, test_features,
           "per_class_iou": per_class, "final_loss": float(losses[-1])}
 
 
-def pool_features(features, masks=None) -> np.ndarray:
-  """Mean of the cells of each feature map (within a mask if given).
-
-  Args:
-    features: float [N, h, w, D].
-    masks: optional bool/float [N, h, w] cell weights.
-  Returns:
-    float32 [N, D].
-  """
-  features = np.asarray(features, np.float32)
-  if masks is None:
-    return features.mean(axis=(1, 2))
-  m = np.asarray(masks, np.float32)[..., None]
-  return (features * m).sum((1, 2)) / np.maximum(m.sum((1, 2)), 1e-12)
+def split(ctx):
+  """The probes' demo split: (scenes, features [n, h, w, D], train slice,
+  test slice); test = scenes 0..probe_test-1, train = the next
+  probe_train scenes."""
+  s = ctx.settings
+  n_test, n_train = s.probe_test_images, s.probe_train_images
+  if n_test < 1 or n_train < 1:
+    raise ValueError("probe_train_images and probe_test_images must be >= 1")
+  scenes = ctx.scenes(n_test + n_train)
+  feats = ctx.scene_features(n_test + n_train)
+  return scenes, feats, slice(n_test, n_test + n_train), slice(0, n_test)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
-def _knn_scores(train, train_labels, queries, *, num_classes, k, temperature):
-  sim = jnp.einsum("md,nd->mn", queries, train,
-                   precision=jax.lax.Precision.HIGHEST)
-  values, indices = jax.lax.top_k(sim, k)
-  votes = jax.nn.one_hot(train_labels[indices], num_classes)  # [M, k, C]
-  return jnp.einsum("mk,mkc->mc", jnp.exp(values / temperature), votes)
-
-
-def knn_classify(train_features, train_labels, test_features,
-                 num_classes: int, k: int = KNN_K,
-                 temperature: float = KNN_TEMPERATURE,
-                 chunk_size: int = 1024):
-  """Temperature-weighted k-NN classification with cosine similarity.
-
-  Args:
-    train_features: float [N, D]; train_labels int [N] in [0, C).
-    test_features: float [M, D].
-    num_classes: C.
-    k: neighbours (clipped to N).
-    temperature: vote weight exp(cos / temperature).
-    chunk_size: queries per batch.
-  Returns:
-    (predictions int32 [M], scores float32 [M, C]).
-  """
-  def norm(x):
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-  train = jnp.asarray(norm(train_features))
-  labels = jnp.asarray(np.asarray(train_labels, np.int32))
-  test = norm(test_features)
-  k = min(int(k), train.shape[0])
-  scores = [np.asarray(_knn_scores(train, labels,
-                                   jnp.asarray(test[i:i + chunk_size]),
-                                   num_classes=num_classes, k=k,
-                                   temperature=temperature))
-            for i in range(0, test.shape[0], chunk_size)]
-  scores = (np.concatenate(scores) if scores
-            else np.zeros((0, num_classes), np.float32))
-  return scores.argmax(axis=-1).astype(np.int32), scores
-
-
-def knn_accuracy(train_features, train_labels, test_features, test_labels,
-                 num_classes: int, k: int = KNN_K,
-                 temperature: float = KNN_TEMPERATURE) -> float:
-  """Top-1 accuracy of `knn_classify` (features [N, D] / [M, D])."""
-  pred, _ = knn_classify(train_features, train_labels, test_features,
-                         num_classes, k, temperature)
-  test_labels = np.asarray(test_labels).reshape(-1)
-  return float((pred == test_labels).mean()) if test_labels.size else math.nan
+def run(ctx) -> context_lib.Output | None:
+  """Linear per-pixel probe mIoU on the demo classes."""
+  if ctx.no_features("linear_probe"):
+    return None
+  scenes, feats, train, test = split(ctx)
+  num_classes = len(scenes.class_names) + 1
+  result = linear_probe_miou(
+      feats[train], scenes.classes[train], feats[test], scenes.classes[test],
+      num_classes, key=ctx.stream("linear_probe"),
+      num_steps=ctx.settings.probe_steps)
+  out = context_lib.Output()
+  out.metrics["linear_probe/miou"] = float(result["miou"])
+  out.metrics["linear_probe/pixel_accuracy"] = float(
+      result["pixel_accuracy"])
+  out.info["linear_probe/per_class_iou"] = dict(zip(
+      ("background",) + tuple(scenes.class_names),
+      [context_lib.json_float(v) for v in result["per_class_iou"]]))
+  out.info["linear_probe/final_loss"] = float(result["final_loss"])
+  return out

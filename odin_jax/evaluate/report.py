@@ -46,7 +46,9 @@ from absl import logging
 from etils import epath
 
 from odin_jax import checkpoint
+from odin_jax.evaluate import features
 from odin_jax.evaluate import runner
+from odin_jax.evaluate import settings as settings_lib
 
 # |trained - random| ABO^i below this many points (of 100) is "about the
 # same": demo seeds alone move the gain by several points (README).
@@ -66,13 +68,14 @@ def default_cache_dir() -> str:
                       "eval_baselines")
 
 
-def baseline_key(config, settings: runner.EvalSettings, source: str) -> str:
+def baseline_key(config, settings: settings_lib.EvalSettings,
+                 source: str) -> str:
   """A hex key of everything `source`'s discovery numbers depend on.
 
   Scenes and masks: config.dataset, config.masks and the discovery
   settings. The random network additionally: config.method, config.seed,
   config.model, config.loss and config.image_size (what
-  `runner.init_params` builds it from). Training-only fields (steps,
+  `features.init_params` builds it from). Training-only fields (steps,
   learning rate, ...) are left out, so every run of one architecture and
   seed shares one entry.
   """
@@ -88,7 +91,8 @@ def baseline_key(config, settings: runner.EvalSettings, source: str) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
-def cached_baseline(config, workdir: str, settings: runner.EvalSettings,
+def cached_baseline(config, workdir: str,
+                    settings: settings_lib.EvalSettings,
                     source: str) -> tuple[dict, bool, str]:
   """Discovery metrics of `source` ('random' or 'masks:fh'), cached.
 
@@ -200,7 +204,7 @@ def final_report(config, workdir: str, state, reuse_saved: bool = False
      'gain_points', 'cached': {'random': bool, 'masks:fh': bool},
      'cache_files': {...}, 'step'}.
   """
-  settings = runner.settings_from_config(config)
+  settings = settings_lib.settings_from_config(config)
   step = int(jax.device_get(state.step))
   saved = _saved_report(workdir, step) if reuse_saved else None
   if saved is not None:
@@ -222,7 +226,7 @@ def final_report(config, workdir: str, state, reuse_saved: bool = False
   fh, fh_cached, fh_file = cached_baseline(config, workdir, settings,
                                            "masks:fh")
   rows.append(_row("FH masks, no network (extra row)", fh))
-  feature = (runner.default_feature(config, settings.resnet_feature)
+  feature = (features.default_feature(config, settings.resnet_feature)
              if settings.feature == "auto" else settings.feature)
   report = {
       "title": f"Object discovery on {settings.num_images} held-out demo "

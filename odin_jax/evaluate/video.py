@@ -29,46 +29,30 @@ the papers in this repository; Odin says only that it follows DINO). Radius
 is in feature cells, so at stride 32 (Odin's ResNet, Table 5 "Odin") it
 spans more of the image than at stride 8 (ViT/8, or Odin' with FPN).
 
-Metrics (DAVIS, Perazzi et al. 2016; used by Odin Table 5):
-  * J: region similarity = IoU of the predicted and true mask of an object
-    in a frame (1 when both are empty).
-  * F: boundary F-measure, the rule of the DAVIS 2017 toolkit
-    (davisvideochallenge/davis2017-evaluation, `f_measure` / `_seg2bmap`),
-    re-implemented from its description: precision / recall of the boundary
-    pixels of the prediction / truth, a boundary pixel matching when the
-    other boundary is within a disk of radius ceil(0.008 * image diagonal)
-    pixels. Both boundaries empty -> 1; one empty -> 0. A boundary pixel is
-    any pixel (inside OR outside the mask) whose right, lower or lower-right
-    neighbour has the other value (`mask_boundary`); the image border is not
-    a boundary. (Before, boundaries were mask pixels with a 4-neighbour
-    outside: on small noisy masks the two rules differ by ~0.07 in F.)
-  * Per object, J and F are averaged over the evaluated frames (the first
-    and last frames are excluded by default, the DAVIS 2017 toolkit's
-    semi-supervised convention), then over all objects of all videos;
-    J&F = (J + F) / 2.
-
-`make_clip` generates clips of textured shapes (cut from the photos bundled
-with scikit-image) moving at constant velocity over a textured background,
-with exact visible-pixel masks: a DAVIS stand-in that needs no download.
+J, F and J&F are computed by evaluate/video_metrics.py; the generated
+clips come from evaluate/clips.py. `run(ctx)` is the evaluation: the
+generated clips at the demo resolution, then DAVIS 2017 val when
+eval.tfds_video names it (prefix 'davis/', native resolution).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
-from odin_jax.evaluate import discovery
+from odin_jax import numerics
+from odin_jax.evaluate import clips
+from odin_jax.evaluate import context as context_lib
+from odin_jax.evaluate import datasets
+from odin_jax.evaluate import grids
+from odin_jax.evaluate import video_metrics
 
-VOID_LABEL = 255
-# DAVIS: boundary tolerance as a fraction of the image diagonal.
-BOUNDARY_TOLERANCE = 0.008
+VOID_LABEL = video_metrics.VOID_LABEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +97,11 @@ def labels_to_grid(label_map, num_labels: int, grid_hw: Sequence[int],
   onehot = (label_map[..., None] == np.arange(num_labels)) & valid[..., None]
   onehot = onehot.astype(np.float32)
   if mode == "nearest":
-    grid = discovery.resize_nearest(np.moveaxis(onehot, -1, 0), (h, w))
+    grid = numerics.resize_nearest(np.moveaxis(onehot, -1, 0), (h, w))
     return np.moveaxis(grid, 0, -1).astype(np.float32)
   if mode == "area":
-    rows = discovery.area_matrix(h, label_map.shape[0])
-    cols = discovery.area_matrix(w, label_map.shape[1])
+    rows = grids.area_matrix(h, label_map.shape[0])
+    cols = grids.area_matrix(w, label_map.shape[1])
     return np.einsum("iy,yxl,jx->ijl", rows, onehot, cols).astype(np.float32)
   raise ValueError(f"mode must be 'nearest' or 'area', got {mode!r}")
 
@@ -180,8 +164,7 @@ def _propagate_frame(query, ctx_feats, ctx_labels, ctx_valid, *, topk: int,
 def _propagate(features, first_labels, config: PropagationConfig):
   t, h, w, dim = features.shape
   num_labels = first_labels.shape[-1]
-  feats = features / jnp.maximum(
-      jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+  feats = numerics.l2_normalize(features)
   n = config.n_last_frames
   radius_rows = h - 1 if config.radius is None else min(config.radius, h - 1)
   radius_cols = w - 1 if config.radius is None else min(config.radius, w - 1)
@@ -281,260 +264,51 @@ def propagate_video(features, first_mask, num_labels: int | None = None,
   return probabilities_to_labels(probs, image_hw or first_mask.shape)
 
 
-def region_similarity(pred, gt, void=None) -> float:
-  """J: IoU of two binary masks [H, W] (void pixels removed); 1 if both
-  are empty."""
-  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-  if void is not None:
-    keep = ~np.asarray(void, bool)
-    pred, gt = pred & keep, gt & keep
-  union = np.count_nonzero(pred | gt)
-  return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
+def _scores(prefix: str, acc: video_metrics.VideoAccumulator
+            ) -> context_lib.Output:
+  result = acc.result()
+  return context_lib.Output(
+      metrics={f"{prefix}/{k}": float(result[k])
+               for k in ("J_mean", "F_mean", "JF_mean")},
+      info={f"{prefix}/num_objects": int(result["num_objects"])})
 
 
-def mask_boundary(mask) -> np.ndarray:
-  """One-pixel-wide boundary map of the DAVIS toolkit (`_seg2bmap`).
-
-  A pixel is a boundary pixel when its right, lower or lower-right neighbour
-  has the other value, so the boundary sits half a pixel towards the origin
-  from the true edge and includes background pixels left of / above the
-  mask. Outside the image the map is extended by replicating its last row
-  and column, so the last row compares only rightwards, the last column only
-  downwards and the image border itself is never a boundary (the toolkit's
-  special cases).
-
-  bool [H, W] -> bool [H, W].
-  """
-  mask = np.asarray(mask, bool)
-  padded = np.pad(mask, ((0, 1), (0, 1)), mode="edge")
-  right, down, diag = padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]
-  return (mask ^ right) | (mask ^ down) | (mask ^ diag)
-
-
-def _disk(radius: int) -> np.ndarray:
-  yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-  return yy * yy + xx * xx <= radius * radius
-
-
-def boundary_f_measure(pred, gt, tolerance: float = BOUNDARY_TOLERANCE,
-                       void=None) -> float:
-  """F: boundary F-measure of two binary masks [H, W].
-
-  Args:
-    pred, gt: bool [H, W].
-    tolerance: < 1: fraction of the image diagonal (DAVIS: 0.008), rounded
-      up to pixels; >= 1: pixels.
-    void: optional bool [H, W] removed from both masks first.
-  Returns:
-    float in [0, 1].
-  """
-  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-  if void is not None:
-    keep = ~np.asarray(void, bool)
-    pred, gt = pred & keep, gt & keep
-  if tolerance < 1:
-    tolerance = math.ceil(tolerance * math.hypot(*gt.shape))
-  disk = _disk(int(tolerance))
-  pred_b, gt_b = mask_boundary(pred), mask_boundary(gt)
-  n_pred, n_gt = np.count_nonzero(pred_b), np.count_nonzero(gt_b)
-  if n_pred == 0 and n_gt == 0:
-    return 1.0
-  if n_pred == 0 or n_gt == 0:
-    return 0.0
-  precision = np.count_nonzero(
-      pred_b & ndimage.binary_dilation(gt_b, disk)) / n_pred
-  recall = np.count_nonzero(gt_b & ndimage.binary_dilation(pred_b, disk)) / n_gt
-  if precision + recall == 0:
-    return 0.0
-  return 2 * precision * recall / (precision + recall)
+def run(ctx) -> context_lib.Output | None:
+  """Label propagation J / F / J&F on generated clips (+ DAVIS if set)."""
+  if ctx.no_features("video"):
+    return None
+  s = ctx.settings
+  size = int(ctx.config.dataset.demo_image_size)
+  if s.video_clips < 1:
+    raise ValueError("video_clips must be >= 1")
+  acc = video_metrics.VideoAccumulator()
+  for c in range(s.video_clips):
+    clip = clips.make_clip(seed=1000 * s.demo_seed + c,
+                           num_frames=s.video_frames, image_size=size,
+                           num_objects=s.video_objects,
+                           max_speed=size / 32)
+    feats = ctx.features(clip.frames)
+    pred = propagate_video(feats, clip.masks[0],
+                           num_labels=s.video_objects + 1,
+                           image_hw=(size, size))
+    acc.add(video_metrics.evaluate_video(pred, clip.masks))
+  out = _scores("video", acc)
+  out.info["video/grid"] = list(feats.shape[1:3])
+  if s.tfds_video:
+    davis = davis_scores(ctx)
+    if davis is not None:
+      out.update(davis)
+  return out
 
 
-def evaluate_video(pred_labels, gt_labels, object_ids=None, *,
-                   exclude_first: bool = True, exclude_last: bool = True,
-                   void_label: int = VOID_LABEL,
-                   tolerance: float = BOUNDARY_TOLERANCE) -> dict:
-  """Per-object J and F of one video.
-
-  Args:
-    pred_labels: int [T, H, W] predicted labels.
-    gt_labels: int [T, H, W] true labels (0 background, void_label void).
-    object_ids: objects to score; default the non-zero, non-void labels of
-      the first frame (the objects given to the method).
-    exclude_first, exclude_last: skip those frames (DAVIS convention).
-    void_label: ignored ground-truth pixels.
-    tolerance: boundary tolerance (`boundary_f_measure`).
-  Returns:
-    {'object_ids' int [O], 'J' float [O], 'F' float [O] (means over
-    frames), 'J_mean', 'F_mean', 'JF_mean' (means over objects)}.
-  """
-  pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
-  if pred_labels.shape != gt_labels.shape or pred_labels.ndim != 3:
-    raise ValueError(f"pred {pred_labels.shape} and gt {gt_labels.shape} "
-                     "must both be [T, H, W]")
-  num_frames = gt_labels.shape[0]
-  frames = range(1 if exclude_first else 0,
-                 num_frames - 1 if exclude_last else num_frames)
-  if len(frames) == 0:
-    raise ValueError(f"no frame left to evaluate out of {num_frames}")
-  if object_ids is None:
-    object_ids = np.unique(gt_labels[0])
-    object_ids = object_ids[(object_ids != 0) & (object_ids != void_label)]
-  object_ids = np.asarray(object_ids).reshape(-1)
-  j = np.zeros(len(object_ids))
-  f = np.zeros(len(object_ids))
-  for o, obj in enumerate(object_ids):
-    js, fs = [], []
-    for t in frames:
-      void = gt_labels[t] == void_label
-      js.append(region_similarity(pred_labels[t] == obj, gt_labels[t] == obj,
-                                  void))
-      fs.append(boundary_f_measure(pred_labels[t] == obj,
-                                   gt_labels[t] == obj, tolerance, void))
-    j[o], f[o] = np.mean(js), np.mean(fs)
-  j_mean = float(j.mean()) if len(j) else math.nan
-  f_mean = float(f.mean()) if len(f) else math.nan
-  return {"object_ids": object_ids, "J": j, "F": f, "J_mean": j_mean,
-          "F_mean": f_mean, "JF_mean": (j_mean + f_mean) / 2}
-
-
-class VideoAccumulator:
-  """Means of per-object J and F over all objects of all videos (DAVIS)."""
-
-  def __init__(self):
-    self._j: list[float] = []
-    self._f: list[float] = []
-
-  def add(self, result: dict) -> None:
-    """Adds one `evaluate_video` result."""
-    self._j.extend(np.asarray(result["J"], float).tolist())
-    self._f.extend(np.asarray(result["F"], float).tolist())
-
-  def result(self) -> dict:
-    """{'J_mean', 'F_mean', 'JF_mean' (NaN if empty), 'num_objects'}."""
-    if not self._j:
-      return {"J_mean": math.nan, "F_mean": math.nan, "JF_mean": math.nan,
-              "num_objects": 0}
-    j, f = float(np.mean(self._j)), float(np.mean(self._f))
-    return {"J_mean": j, "F_mean": f, "JF_mean": (j + f) / 2,
-            "num_objects": len(self._j)}
-
-
-# --- Generated clips ----------------------------------------------------
-
-# Photos bundled with scikit-image (load offline).
-CLIP_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket",
-               "immunohistochemistry", "camera", "coins", "moon", "brick",
-               "grass", "gravel")
-SHAPES = ("ellipse", "rectangle", "triangle")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Clip:
-  """A generated clip.
-
-  frames: uint8 [T, H, W, 3].
-  masks: int32 [T, H, W]; 0 = background, j = object j (visible pixels;
-    later objects occlude earlier ones).
-  velocities: float [N, 2] (dy, dx) pixels per frame of objects 1..N.
-  """
-  frames: np.ndarray
-  masks: np.ndarray
-  velocities: np.ndarray
-
-
-@functools.lru_cache(maxsize=None)
-def _photo(name: str) -> np.ndarray:
-  """A bundled photo as float32 RGB [H, W, 3] in [0, 1]."""
-  from skimage import data as skdata
-  image = np.asarray(getattr(skdata, name)())
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  return image[..., :3].astype(np.float32) / 255.0
-
-
-def _crop(rng, photo: np.ndarray, out_hw) -> np.ndarray:
-  """A random square-ish crop of a photo resized to out_hw, float [h, w, 3]."""
-  from skimage import transform
-  h, w = photo.shape[:2]
-  side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
-  y = int(rng.integers(0, h - side + 1))
-  x = int(rng.integers(0, w - side + 1))
-  return transform.resize(photo[y:y + side, x:x + side], tuple(out_hw),
-                          order=1, anti_aliasing=True).astype(np.float32)
-
-
-def _shape_mask(rng, shape: str, size: int) -> np.ndarray:
-  """bool [size, size] shape filling most of its box."""
-  yy, xx = np.mgrid[0:size, 0:size] + 0.5
-  c = size / 2
-  if shape == "ellipse":
-    ry, rx = c * rng.uniform(0.7, 1.0), c * rng.uniform(0.7, 1.0)
-    return ((yy - c) / ry) ** 2 + ((xx - c) / rx) ** 2 <= 1.0
-  if shape == "rectangle":
-    hy, hx = c * rng.uniform(0.6, 1.0), c * rng.uniform(0.6, 1.0)
-    return (np.abs(yy - c) <= hy) & (np.abs(xx - c) <= hx)
-  # Triangle: apex at the top, base at the bottom (half-plane tests).
-  top, bottom = size * 0.05, size * 0.95
-  frac = np.clip((yy - top) / (bottom - top), 0.0, 1.0)
-  return (yy >= top) & (yy <= bottom) & (np.abs(xx - c) <= frac * c * 0.95)
-
-
-def make_clip(seed: int = 0, num_frames: int = 8, image_size: int = 64,
-              num_objects: int = 2,
-              object_size: tuple[float, float] = (0.3, 0.45),
-              max_speed: float = 2.0) -> Clip:
-  """Clip of textured shapes moving at constant velocity (exact masks).
-
-  Background: a crop of one bundled photo. Each object: an ellipse,
-  rectangle or triangle cut from a crop of another photo (with a random
-  colour gain, so it differs from the background), moving in a straight
-  line at a constant velocity (|v| <= max_speed px/frame per axis) chosen so
-  the object's box stays inside the image for all frames. Later objects
-  are drawn over earlier ones. Deterministic given the arguments.
-
-  Args:
-    seed: numpy seed.
-    num_frames: T.
-    image_size: H = W.
-    num_objects: N.
-    object_size: range of object box side as a fraction of image_size.
-    max_speed: largest |velocity| component, pixels per frame.
-  Returns:
-    `Clip`.
-  """
-  rng = np.random.default_rng(seed)
-  size = int(image_size)
-  photo_order = rng.permutation(len(CLIP_PHOTOS))
-  background = _crop(rng, _photo(CLIP_PHOTOS[photo_order[0]]), (size, size))
-  objects = []
-  for j in range(num_objects):
-    side = int(round(size * rng.uniform(*object_size)))
-    side = max(2, min(side, size))
-    photo = _photo(CLIP_PHOTOS[photo_order[(j + 1) % len(CLIP_PHOTOS)]])
-    texture = _crop(rng, photo, (side, side))
-    texture = np.clip(texture * rng.uniform(0.6, 1.4, size=3), 0.0, 1.0)
-    shape = _shape_mask(rng, SHAPES[int(rng.integers(len(SHAPES)))], side)
-    travel_max = (size - side) / max(num_frames - 1, 1)
-    velocity = rng.uniform(-1.0, 1.0, size=2) * min(max_speed, travel_max)
-    span = velocity * (num_frames - 1)
-    low = np.maximum(0.0, -span)
-    high = np.maximum(low, (size - side) - np.maximum(0.0, span))
-    start = rng.uniform(low, high)
-    objects.append((side, texture, shape, velocity, start))
-  frames = np.empty((num_frames, size, size, 3), np.float32)
-  masks = np.zeros((num_frames, size, size), np.int32)
-  for t in range(num_frames):
-    canvas = background.copy()
-    for j, (side, texture, shape, velocity, start) in enumerate(objects):
-      y, x = np.round(start + velocity * t).astype(int)
-      y0, x0 = max(y, 0), max(x, 0)
-      y1, x1 = min(y + side, size), min(x + side, size)
-      if y1 <= y0 or x1 <= x0:
-        continue
-      sub = shape[y0 - y:y1 - y, x0 - x:x1 - x]
-      canvas[y0:y1, x0:x1][sub] = texture[y0 - y:y1 - y, x0 - x:x1 - x][sub]
-      masks[t, y0:y1, x0:x1][sub] = j + 1
-    frames[t] = canvas
-  frames = np.round(frames * 255.0).astype(np.uint8)
-  velocities = np.array([o[3] for o in objects], np.float64).reshape(-1, 2)
-  return Clip(frames=frames, masks=masks, velocities=velocities)
+def davis_scores(ctx) -> context_lib.Output | None:
+  """DAVIS 2017 val label propagation (davis/ prefix), if prepared; at
+  the clips' native resolution."""
+  acc = video_metrics.VideoAccumulator()
+  count = 0
+  for frames, masks in datasets.davis_clips(ctx.settings):
+    count += 1
+    feats = ctx.features(frames, image_size=None)  # native resolution
+    pred = propagate_video(feats, masks[0], image_hw=masks.shape[1:])
+    acc.add(video_metrics.evaluate_video(pred, masks))
+  return _scores("davis", acc) if count else None

@@ -1,0 +1,477 @@
+"""BYOL's frozen-encoder linear evaluation on a TFDS classification dataset.
+
+`run(ctx)` (evaluation 'imagenet_linear', `--evals=imagenet_linear`) trains
+a linear classifier on the global-average-pooled backbone output of the
+network the runner evaluates and reports top-1 / top-5 accuracy on the test
+split. The protocol is BYOL's (paper App. C.1; deepmind-research
+byol/configs/eval.py and eval_experiment.py), which DetCon and Odin reuse:
+
+  network   the runner's source: by default the ONLINE encoder θ of the
+            checkpoint, as BYOL evaluates (its eval_experiment loads
+            `online_params` / `online_state`); --params=target_params gives
+            the EMA ξ instead. Frozen, BatchNorm in inference mode.
+  features  eval.linear_feature: 'auto' = the backbone's last map ('stage4'
+            of a ResNet / Swin: 2048-d for R50; a ViT's patch 'tokens'),
+            averaged over all cells. No FPN, projector or normalisation:
+            the representation y of BYOL.
+  train     eval.linear_train_split ('train': BYOL's TRAIN_AND_VALID, all
+            1,281,167 images), random resized crop (area 8-100 %, aspect
+            3/4-4/3; augment.sample_crop_box) + horizontal flip (p 0.5),
+            bicubic resize to eval.linear_image_size (224); shuffled
+            as BYOL (files, then a buffer of 10 batches of still-encoded
+            images).
+  test      eval.linear_test_split ('validation': ImageNet val, 50,000
+            images), central square crop of eval.linear_crop_fraction
+            (0.875 = 224 / (224 + 32)) of the short side, bicubic to 224.
+  optimiser SGD, Nesterov momentum eval.linear_momentum (0.9), batch
+            eval.linear_batch_size (1024), eval.linear_epochs (80) epochs
+            of whole batches, lr eval.linear_base_lr (0.2) x batch / 256
+            cosine-decayed to 0 over all steps without warm-up
+            (byol/utils/schedules.py), no weight decay
+            (eval.linear_weight_decay = 0: BYOL uses no regulariser),
+            softmax cross-entropy averaged over the batch. The classifier
+            is initialised like haiku's Linear (truncated normal, std
+            1/sqrt(D); bias 0).
+  metrics   'imagenet_linear/top1', 'imagenet_linear/top5' (k capped at
+            the number of classes) over the whole test split.
+
+Images are cropped and resized by TF (CPU) and sent as uint8 (the bicubic
+output rounded: at most 0.5/255 from BYOL's float pixels) to the
+evaluation's feature function (`features._feature_fn` of the runner's
+`FeatureSource`, which scales to [0, 1]; the network
+normalises with the ImageNet mean / std itself), pooled on device. Batches
+are split over the local devices when they divide the batch. The dataset
+is read from eval.tfds_data_dir and is never downloaded: an unprepared one
+is skipped with a message saying how to prepare it (`tfds build
+imagenet2012 --manual_dir=...`).
+
+What differs from BYOL: crop boxes retry up to 10 times (torchvision's
+rule) where BYOL clips a single draw to the image; no checkpointing of the
+classifier during its 80 epochs (a preempted run starts over).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from odin_jax.evaluate import context as context_lib
+from odin_jax.evaluate import datasets
+from odin_jax.evaluate import features as features_lib
+
+NAME = "imagenet_linear"
+TOP_K = (1, 5)
+_CROP = dict(crop_area_min=0.08, crop_area_max=1.0, aspect_min=3 / 4,
+             aspect_max=4 / 3)
+_SHUFFLE_BATCHES = 10       # BYOL: shuffle buffer of 10 batches
+
+
+# --- The classifier and its optimiser -------------------------------------
+
+
+def peak_learning_rate(base_lr: float, batch_size: int) -> float:
+  """BYOL's scaled lr: base_lr x batch / 256 (0.2 x 1024 / 256 = 0.8)."""
+  return float(base_lr) * int(batch_size) / 256.0
+
+
+def learning_rate(step, total_steps, peak):
+  """Cosine decay from peak to 0 over total_steps, no warm-up (BYOL)."""
+  t = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
+  return peak * 0.5 * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+
+
+def init_classifier(key, dim: int, num_classes: int) -> dict:
+  """{'kernel' [D, C], 'bias' [C]}: haiku Linear's init (truncated normal,
+  std 1/sqrt(D), bias 0)."""
+  std = 1.0 / math.sqrt(dim)
+  kernel = jax.random.truncated_normal(key, -2.0, 2.0, (dim, num_classes),
+                                       jnp.float32) * std
+  return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def logits_of(params: dict, features):
+  """features [B, D] -> logits float32 [B, C]."""
+  return jnp.asarray(features, jnp.float32) @ params["kernel"] + \
+      params["bias"]
+
+
+def init_state(key, dim: int, num_classes: int, momentum: float):
+  """(classifier params, Nesterov momentum state)."""
+  params = init_classifier(key, dim, num_classes)
+  return params, _momentum(momentum).init(params)
+
+
+def _momentum(momentum: float):
+  return optax.trace(decay=momentum, nesterov=True)
+
+
+@functools.partial(jax.jit, static_argnames=("momentum",))
+def train_step(state, features, labels, step, total_steps, peak_lr,
+               weight_decay, *, momentum: float):
+  """One SGD step of the classifier on a batch.
+
+  Args:
+    state: (params, momentum state) from `init_state`.
+    features: float [B, D] frozen features; labels: int [B].
+    step: this step's index (0-based; the lr of `learning_rate`).
+    total_steps, peak_lr, weight_decay: scalars (traced: one compilation
+      serves every schedule).
+    momentum: Nesterov momentum (static).
+  Returns:
+    (new state, mean cross-entropy of the batch before the step).
+  """
+  params, opt_state = state
+
+  def loss_fn(p):
+    logits = logits_of(p, features)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  grads = dict(grads, kernel=grads["kernel"] + weight_decay *
+               params["kernel"])   # coupled L2 (BYOL: weight_decay = 0)
+  updates, opt_state = _momentum(momentum).update(grads, opt_state, params)
+  lr = learning_rate(step, total_steps, peak_lr)
+  params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+  return (params, opt_state), loss
+
+
+@functools.partial(jax.jit, static_argnames=("ks",))
+def topk_correct(logits, labels, ks: tuple = TOP_K):
+  """bool [len(ks), B]: labels among the k largest logits, per k.
+
+  k is capped at the number of classes (top-5 of 3 classes = top-3).
+  """
+  num_classes = logits.shape[-1]
+  _, order = jax.lax.top_k(logits, min(max(ks), num_classes))
+  hits = order == labels[:, None]
+  return jnp.stack([hits[:, :min(k, num_classes)].any(axis=1) for k in ks])
+
+
+def train_classifier(batches, num_steps: int, dim: int, num_classes: int, *,
+                     key, peak_lr: float, momentum: float = 0.9,
+                     weight_decay: float = 0.0, log_every: int = 0):
+  """Trains the linear classifier on `num_steps` batches.
+
+  Args:
+    batches: iterator of (features float [B, D], labels int [B]) (device or
+      host arrays), at least num_steps of them.
+    num_steps: SGD steps (the cosine schedule's length).
+    dim, num_classes: D and C.
+    key: PRNG key of the initialisation.
+    peak_lr, momentum, weight_decay: the recipe.
+    log_every: log the loss every this many steps (0: never).
+  Returns:
+    (params {'kernel', 'bias'}, mean loss of the last min(100, num_steps)
+    steps).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  state = init_state(key, dim, num_classes, momentum)
+  losses = []
+  for step in range(num_steps):
+    try:
+      features, labels = next(batches)
+    except StopIteration:
+      raise ValueError(f"The batches ran out after {step} of {num_steps} "
+                       "steps.") from None
+    state, loss = train_step(state, features, labels, step, num_steps,
+                             peak_lr, weight_decay, momentum=momentum)
+    losses.append(loss)
+    if log_every and (step + 1) % log_every == 0:
+      logging.info("Linear evaluation: step %d/%d, loss %.4f.", step + 1,
+                   num_steps, float(loss))
+  tail = np.asarray(jax.device_get(losses[-100:]), np.float64)
+  return state[0], float(tail.mean())
+
+
+def accuracy(params: dict, batches, ks: tuple = TOP_K) -> tuple:
+  """(top-k accuracies [len(ks)] over every example, number of examples).
+
+  batches: iterator of (features [B, D], labels [B], valid bool [B]);
+  invalid rows (padding) are not counted.
+  """
+  correct = np.zeros(len(ks), np.int64)
+  count = 0
+  for features, labels, valid in batches:
+    hits = np.asarray(topk_correct(logits_of(params, features),
+                                   jnp.asarray(labels), ks))
+    valid = np.asarray(valid, bool)
+    correct += hits[:, valid].sum(axis=1)
+    count += int(valid.sum())
+  if count == 0:
+    raise ValueError("No test example.")
+  return correct / count, count
+
+
+# --- Data (TF, CPU) --------------------------------------------------------
+
+
+def _rgb_uint8(image, size: int):
+  """float [S, S, 3] in [0, 1] -> uint8, rounded."""
+  import tensorflow as tf
+  image.set_shape([size, size, 3])
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0),
+                 tf.uint8)
+
+
+def train_view(image, seed, size: int):
+  """BYOL's linear-training view: random resized crop + flip, bicubic.
+
+  image uint8 [H, W, 3]; seed int [2] (stateless). Returns uint8 [S, S, 3].
+  """
+  import ml_collections
+  import tensorflow as tf
+  from odin_jax.data import augment
+  crop = ml_collections.ConfigDict(_CROP)
+  box_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=2))
+  shape = tf.shape(image)
+  box = augment.sample_crop_box(box_seed, shape[0], shape[1], crop)
+  view = augment.crop_resize_image(image, box, size)
+  flip = tf.random.stateless_uniform([], seed=flip_seed) < 0.5
+  view = tf.cond(flip, lambda: tf.reverse(view, [1]), lambda: view)
+  return _rgb_uint8(view, size)
+
+
+def center_view(image, size: int, crop_fraction: float):
+  """BYOL's test view: the central square of crop_fraction x the short
+  side (offset (H - side + 1) // 2), bicubic to size. uint8 [S, S, 3]."""
+  import tensorflow as tf
+  from odin_jax.data import augment
+  shape = tf.shape(image)
+  short = tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)
+  side = tf.maximum(tf.cast(crop_fraction * short, tf.int32), 1)
+  box = ((shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side)
+  return _rgb_uint8(augment.crop_resize_image(image, box, size), size)
+
+
+class _Split:
+  """A prepared TFDS classification split: examples, classes, tf.data."""
+
+  def __init__(self, name: str, split: str, data_dir, limit: int):
+    import tensorflow_datasets as tfds
+    from odin_jax.data import pipeline
+    from odin_jax.data import sources
+    pipeline.hide_accelerators_from_tf()
+    self.builder = tfds.builder(name, data_dir=data_dir)
+    info = self.builder.info
+    if split not in info.splits:
+      raise ValueError(f"TFDS {name!r} has no split {split!r} (splits: "
+                       f"{sorted(info.splits)}).")
+    keys = sources.tfds_keys(info.features)
+    if keys["label"] is None:
+      raise ValueError(f"TFDS {name!r} has no ClassLabel 'label' feature: "
+                       "the linear evaluation needs image labels.")
+    self.image_key = keys["image"]
+    self.num_classes = int(info.features["label"].num_classes)
+    total = info.splits[split].num_examples
+    self.num_examples = min(int(limit), total) if limit else total
+    self.spec = f"{split}[:{self.num_examples}]"
+
+  def dataset(self, shuffle_seed: int | None = None):
+    """(encoded image string, label int32) pairs, files shuffled by
+    shuffle_seed (None: in order). Images stay encoded until `decode`, so
+    a shuffle buffer holds compressed bytes (as BYOL's input)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    read = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    key = self.image_key
+    ds = self.builder.as_dataset(
+        split=self.spec, shuffle_files=shuffle_seed is not None,
+        read_config=read, decoders={key: tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: (ex[key], tf.cast(ex["label"], tf.int32)))
+
+
+def decode(encoded):
+  """An encoded image (JPEG, PNG, ...) -> uint8 [H, W, 3] (gray -> RGB)."""
+  import tensorflow as tf
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def train_batches(split: _Split, size: int, batch_size: int, seed: int):
+  """Endless shuffled batches (uint8 [B, S, S, 3], int32 [B]) of training
+  views; example i of the stream is augmented with stateless seed
+  (seed, i)."""
+  import tensorflow as tf
+  ds = split.dataset(shuffle_seed=seed).repeat()
+  ds = ds.shuffle(_SHUFFLE_BATCHES * batch_size, seed=seed,
+                  reshuffle_each_iteration=True).enumerate()
+
+  def view(i, example):
+    encoded, label = example
+    s = tf.stack([tf.constant(seed, tf.int64), i])
+    return train_view(decode(encoded), s, size), label
+  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def center_batches(split: _Split, size: int, batch_size: int,
+                   crop_fraction: float):
+  """(uint8 [B, S, S, 3], int32 [B], valid bool [B]) center-crop batches
+  of the whole split in file order, the last padded to batch_size."""
+  import tensorflow as tf
+  ds = split.dataset().map(
+      lambda encoded, label: (center_view(decode(encoded), size,
+                                          crop_fraction), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  for images, labels in ds.batch(batch_size).prefetch(
+      tf.data.AUTOTUNE).as_numpy_iterator():
+    n = len(labels)
+    valid = np.arange(batch_size) < n
+    if n < batch_size:
+      pad = batch_size - n
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+      labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
+    yield images, labels, valid
+
+
+# --- Features --------------------------------------------------------------
+
+
+def default_feature(config) -> str:
+  """eval.linear_feature 'auto': a ViT's 'tokens', else 'stage4' (the
+  backbone's last map; an FPN, if any, is not part of the backbone)."""
+  if config.model.get("backbone", "resnet") == "vit":
+    return "tokens"
+  return "stage4"
+
+
+_POOLED_FNS: dict = {}
+
+
+class PooledFeatures:
+  """Frozen pooled features on device: uint8 [B, S, S, 3] -> float32 [B, D].
+
+  Wraps the evaluation's feature function (`features._feature_fn` of the
+  FeatureSource's network) and averages the map over its cells, in one
+  program per (network, feature, size). The batch is split over the local
+  devices when their number divides it.
+  """
+
+  def __init__(self, source: "features_lib.FeatureSource", feature: str,
+               size: int, batch_size: int):
+    devices = jax.local_devices()
+    if batch_size % len(devices):
+      devices = devices[:1]
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    self._batch = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data"))
+    self._variables = jax.device_put(
+        source._variables,   # pylint: disable=protected-access
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    key = (source._model_json, feature, int(size))  # pylint: disable=protected-access
+    if key not in _POOLED_FNS:
+      maps = features_lib._feature_fn(  # pylint: disable=protected-access
+          source._config, source._model_json, feature,  # pylint: disable=protected-access
+          (int(size), int(size)))
+      _POOLED_FNS[key] = jax.jit(
+          lambda variables, images: maps(variables, images).mean(axis=(1, 2)))
+    self._fn = _POOLED_FNS[key]
+    self.num_devices = len(devices)
+
+  def __call__(self, images) -> jax.Array:
+    return self._fn(self._variables, jax.device_put(images, self._batch))
+
+
+# --- The evaluation --------------------------------------------------------
+
+
+def _skipped(message: str) -> context_lib.Output:
+  logging.warning(message)
+  return context_lib.Output(info={f"{NAME}/skipped": message})
+
+
+def run(ctx) -> context_lib.Output | None:
+  """The linear evaluation of the runner's network (see the module
+  docstring); None for a mask source (no network)."""
+  if ctx.features is None:
+    logging.info("Skipping %s for masks:%s: a mask set has no features.",
+                 NAME, ctx.mask_method)
+    return None
+  s = ctx.settings
+  _check_settings(s)
+  ok, message = datasets.tfds_prepared(s.linear_dataset, s.tfds_data_dir)
+  if not ok:
+    if s.linear_dataset.startswith("imagenet2012"):
+      message += (" ImageNet needs its archives ILSVRC2012_img_train.tar and "
+                  "ILSVRC2012_img_val.tar in --manual_dir (docs/finetune.md"
+                  ", \"Linear evaluation\").")
+    return _skipped(message)
+  start = time.time()
+  train = _Split(s.linear_dataset, s.linear_train_split, s.tfds_data_dir,
+                 s.linear_num_train)
+  test = _Split(s.linear_dataset, s.linear_test_split, s.tfds_data_dir,
+                s.linear_num_test)
+  size, batch = int(s.linear_image_size), int(s.linear_batch_size)
+  steps_per_epoch = train.num_examples // batch
+  if steps_per_epoch < 1:
+    raise ValueError(f"eval.linear_batch_size={batch} is larger than the "
+                     f"{train.num_examples} training examples of "
+                     f"{s.linear_dataset}[{s.linear_train_split}].")
+  num_steps = int(s.linear_epochs) * steps_per_epoch
+  feature = (default_feature(ctx.config) if s.linear_feature == "auto"
+             else s.linear_feature)
+  pooled = PooledFeatures(ctx.features, feature, size, batch)
+  images = train_batches(train, size, batch, int(s.seed))
+  batches = ((pooled(x), y) for x, y in images)
+  first = next(batches)
+  dim = int(first[0].shape[-1])
+  peak = peak_learning_rate(s.linear_base_lr, batch)
+  logging.info("Linear evaluation on %s: %d steps (%d epochs of %d "
+               "examples, batch %d), %s features (%d-d), peak lr %.3g.",
+               s.linear_dataset, num_steps, s.linear_epochs,
+               train.num_examples, batch, feature, dim, peak)
+  params, final_loss = train_classifier(
+      _chain(first, batches), num_steps, dim, train.num_classes,
+      key=ctx.stream(NAME), peak_lr=peak, momentum=float(s.linear_momentum),
+      weight_decay=float(s.linear_weight_decay),
+      log_every=max(1, num_steps // 20))
+  train_seconds = time.time() - start
+  acc, count = accuracy(params, ((pooled(x), y, v) for x, y, v in
+                                 center_batches(test, size, batch,
+                                                s.linear_crop_fraction)))
+  out = context_lib.Output()
+  for k, value in zip(TOP_K, acc):
+    out.metrics[f"{NAME}/top{k}"] = float(value)
+  out.info.update({
+      f"{NAME}/dataset": s.linear_dataset,
+      f"{NAME}/num_train": train.num_examples,
+      f"{NAME}/num_test": count,
+      f"{NAME}/num_classes": train.num_classes,
+      f"{NAME}/feature": feature, f"{NAME}/feature_dim": dim,
+      f"{NAME}/steps": num_steps, f"{NAME}/peak_lr": peak,
+      f"{NAME}/final_train_loss": final_loss,
+      f"{NAME}/num_devices": pooled.num_devices,
+      f"{NAME}/train_seconds": round(train_seconds, 1)})
+  return out
+
+
+def _check_settings(s) -> None:
+  """ValueError naming the first eval.linear_* value that cannot work."""
+  checks = (("linear_batch_size", s.linear_batch_size >= 1, ">= 1"),
+            ("linear_epochs", s.linear_epochs >= 1, ">= 1"),
+            ("linear_image_size", s.linear_image_size >= 32, ">= 32"),
+            ("linear_crop_fraction", 0 < s.linear_crop_fraction <= 1,
+             "in (0, 1]"),
+            ("linear_base_lr", s.linear_base_lr > 0, "> 0"),
+            ("linear_momentum", 0 <= s.linear_momentum < 1, "in [0, 1)"),
+            ("linear_weight_decay", s.linear_weight_decay >= 0, ">= 0"))
+  for name, ok, want in checks:
+    if not ok:
+      raise ValueError(f"eval.{name}={getattr(s, name)!r} must be {want}.")
+
+
+def _chain(first, rest):
+  yield first
+  yield from rest
