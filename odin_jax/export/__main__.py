@@ -42,6 +42,9 @@ weights: feed torchvision RGB images in [0, 1] normalised with the ImageNet
 mean/std; give detectron2 MODEL.PIXEL_MEAN [123.675, 116.28, 103.53],
 MODEL.PIXEL_STD [58.395, 57.12, 57.375], INPUT.FORMAT RGB and
 MODEL.RESNETS.STRIDE_IN_1X1 False (the stride is on the 3x3 conv).
+
+The inverse, weights in: --config.init_from=PATH on python -m odin_jax.main
+(torchvision / timm checkpoints, backbone.npz, a workdir; weights_in.py).
 """
 
 import os

@@ -15,6 +15,7 @@ training does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -78,22 +79,16 @@ def resolve_formats(formats, backbone: str, depth: int | None) -> tuple:
 
 def timm_converter(backbone: str):
   """`timm_state_dict(backbone_params) -> {timm name: array}` of a
-  non-ResNet backbone, from its module odin_jax.models.<backbone> (vit.py,
-  swin.py), which documents the timm model and how to load it."""
-  import importlib
-  try:
-    module = importlib.import_module(f"odin_jax.models.{backbone}")
-  except ImportError:
-    module = None
-  convert_fn = getattr(module, "timm_state_dict", None)
-  if convert_fn is None:
+  non-ResNet backbone: `convert.timm_state_dict` with that backbone's
+  mapping table (the table weights_in.py imports with; the keys, and how
+  to load them in timm: odin_jax.models.vit / swin.timm_state_dict)."""
+  if backbone not in ("vit", "swin"):
     raise NotImplementedError(
         f"Export of the {backbone!r} backbone is not implemented: "
         "torchvision/detectron2 names exist for ResNets only, and the "
-        "'timm' format (timm state_dict names in .safetensors) needs "
-        f"odin_jax.models.{backbone}.timm_state_dict (vit and swin have "
-        "one).")
-  return convert_fn
+        "'timm' format (timm state_dict names in .safetensors) for vit and "
+        "swin (odin_jax/export/convert.py's mapping tables).")
+  return functools.partial(convert.timm_state_dict, backbone)
 
 
 def export(workdir: str, *, config=None, step: int | None = None,
