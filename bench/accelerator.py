@@ -52,9 +52,9 @@ from bench import step_time  # noqa: E402
 from bench.memory import xla_memory  # noqa: E402
 from configs import byol, detcon_b, odin  # noqa: E402
 from odin_jax import runtime, sharding, step  # noqa: E402
-from odin_jax.data import pipeline  # noqa: E402
-from odin_jax.data import precompute  # noqa: E402
+from odin_jax.data import pipeline, synthetic  # noqa: E402
 from odin_jax.data import records  # noqa: E402
+from odin_jax.data.records import precompute  # noqa: E402
 
 GOAL_IMAGES_PER_S = 2000.0    # DetCon-B R50 bf16, real pipeline, one H100
 GOAL_KMEANS_SPEEDUP = 10.0    # jnp k-means / scikit-learn
@@ -118,7 +118,7 @@ class Runner:
     self.built = step.build(config, mesh, num_examples=1000 * config.batch_size)
     self.mesh = mesh
     self.state = self.built.init_state(jax.random.PRNGKey(0))
-    self.batch = sharding.to_global(mesh, step_time.synthetic_batch(
+    self.batch = sharding.to_global(mesh, synthetic.synthetic_batch(
         config, np.random.default_rng(0)))
     self.compiled = self.built.train_step.lower(self.state, self.batch).compile()
     self.memory = xla_memory(self.compiled)
@@ -206,7 +206,7 @@ def time_records_row(config, mesh, args) -> dict:
                                   config.masks)
     built = step.build(config, mesh, num_examples=source.num_examples)
     state = built.init_state(jax.random.PRNGKey(0))
-    keys = set(step_time.synthetic_batch(config, np.random.default_rng(0)))
+    keys = set(step.BATCH_KEYS)
     batches = pipeline.numpy_batches(pipeline.make_train_dataset(
         config, source, global_batch_size=config.batch_size,
         process_index=0, process_count=1))

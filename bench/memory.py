@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 # saved_residuals has no public twin (print_saved_residuals only prints).
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
-from bench.step_time import synthetic_batch  # noqa: E402
+from odin_jax.data.synthetic import synthetic_batch  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
 from odin_jax.models import heads  # noqa: E402
 

@@ -4,6 +4,9 @@ Same network, batch and resolution for all four; only the method differs.
   python bench/step_time.py                 # ResNet-18 x0.5, 96 px, batch 32
   python bench/step_time.py --depth=50 --width=1 --image_size=224 --batch=64
 Prints a table; the goal is DetCon-B <= 1.05 x BYOL (paper: +11.6% FLOPs).
+It also prints the on-device colour augmentation's share of DetCon-B's step
+(data/color.py, the step's first act): its FLOPs and its time run alone,
+against the whole step's (goal: <= 2 %).
 """
 import argparse
 import os
@@ -17,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from configs import byol, detcon_b, detcon_s, simclr  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
+from odin_jax.data import color, synthetic  # noqa: E402
 from odin_jax.models import heads  # noqa: E402
 
 
@@ -31,26 +35,6 @@ def bench_config(module, args):
                   "predictor_hidden"):    # SimCLR/DetCon-S 2048/128
       c.model[field] = paper[field]
   return c
-
-
-def synthetic_batch(c, rng):
-  """Random views and blocky masks [B, S, S]; spanning-view keys for Odin."""
-  b, s = c.batch_size, c.image_size
-  seg = np.kron(rng.integers(0, 40, (2, b, s // 8, s // 8)), np.ones((8, 8), np.int64))
-  batch = {"view1": rng.random((b, s, s, 3), np.float32),
-           "view2": rng.random((b, s, s, 3), np.float32),
-           "mask1": seg[0].astype(np.int32), "mask2": seg[1].astype(np.int32)}
-  if c.odin.enabled or c.r2o.enabled:
-    p = int(round(c.odin.span_scale * s))
-    lo = rng.random((2, b, 2)) * 0.4
-    batch.update({
-        "span": rng.random((b, p, p, 3), np.float32),
-        "box1": np.concatenate([lo[0], lo[0] + 0.6], -1).astype(np.float32),
-        "box2": np.concatenate([lo[1], lo[1] + 0.6], -1).astype(np.float32),
-        "flip1": rng.random(b) < 0.5, "flip2": rng.random(b) < 0.5,
-        "span_mask": np.kron(rng.integers(0, 60, (b, p // 8, p // 8)),
-                             np.ones((8, 8), np.int64)).astype(np.int32)})
-  return batch
 
 
 def make_runner(c):
@@ -69,7 +53,7 @@ def make_runner(c):
       region_clusters=step.region_clusters_schedule(c, 1000)),
                in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep),
                donate_argnums=(0,))
-  batch = sharding.to_global(mesh, synthetic_batch(c, np.random.default_rng(0)))
+  batch = sharding.to_global(mesh, synthetic.synthetic_batch(c, np.random.default_rng(0)))
   compiled = fn.lower(state, batch).compile()
   carry = {"state": state}
 
@@ -126,6 +110,27 @@ def time_method(module, args):
   return time_config(bench_config(module, args), args)
 
 
+def augmentation_share(c, args) -> dict:
+  """The colour augmentation (color.prepare) alone against config c's step:
+  FLOPs by XLA's count and median blocked time, interleaved."""
+  step_run = make_runner(c)
+  batch = synthetic.synthetic_batch(c, np.random.default_rng(1))
+  key = jax.random.PRNGKey(0)
+  prepare = jax.jit(lambda b: color.prepare(b, key, c))
+  compiled = prepare.lower(batch).compile()
+  device_batch = jax.device_put(batch)
+
+  def prep_run():
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(device_batch))
+    return time.perf_counter() - t
+
+  times = time_runners({"step": step_run, "colour": prep_run}, args)
+  return {"flops_share": compiled_flops(compiled) / step_run.flops,
+          "time_share": times["colour"] / times["step"],
+          "step_ms": 1000 * times["step"], "colour_ms": 1000 * times["colour"]}
+
+
 def parse_args():
   p = argparse.ArgumentParser()
   p.add_argument("--depth", type=int, default=18)
@@ -152,6 +157,11 @@ def main():
     flops = runners[name].flops / runners[base].flops
     print(f"{name:10s} {1000 * t[name]:10.1f} {t[name] / t[base]:8.3f} x {base:8s}"
           f" {flops:8.3f} x")
+  share = augmentation_share(bench_config(detcon_b, args), args)
+  print(f"colour augmentation on the device (DetCon-B): "
+        f"{100 * share['flops_share']:.2f} % of the step's FLOPs, "
+        f"{100 * share['time_share']:.2f} % of its time "
+        f"({share['colour_ms']:.1f} of {share['step_ms']:.1f} ms); goal <= 2 %")
 
 
 if __name__ == "__main__":

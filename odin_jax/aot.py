@@ -41,7 +41,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 import numpy as np
 
-from odin_jax import config_check, hlo_stats, sharding, step, train
+from odin_jax import config_check, hlo_stats, sharding, step
 from odin_jax.data import pipeline, sources
 
 GiB = 2**30
@@ -159,7 +159,7 @@ def abstract_batch(config, mesh) -> dict:
   batch_sharding = sharding.batch_sharded(mesh)
   return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype.as_numpy_dtype,
                                   sharding=batch_sharding)
-          for k, v in spec.items() if k in train._STEP_KEYS}  # pylint: disable=protected-access
+          for k, v in spec.items() if k in step.BATCH_KEYS}
 
 
 def compile_step(config, devices):
@@ -212,6 +212,10 @@ def analyse(compiled, config, family: Family, slice_name: str,
       "slice": slice_name, "num_slices": num_slices, "chip": family.name,
       "chips": chips, "global_batch": int(config.batch_size),
       "batch_per_chip": int(config.batch_size) // chips,
+      "method": config.method, "dtype": config.model.dtype,
+      "remat": config.model.get("remat", "none"),
+      "fsdp": bool(config.sharding.fsdp),
+      "grad_accum_steps": int(config.grad_accum_steps),
       "hbm_capacity_bytes": int(family.hbm_gib * GiB),
       "arguments_bytes": args, "outputs_bytes": outs,
       "temporaries_bytes": temps, "aliased_bytes": alias,

@@ -13,11 +13,15 @@ parameters): it segments the un-augmented spanning view with k-means on its
 per-pixel projections, and the segments, mapped into each view, replace the
 data's masks before the usual loss. τ follows θ by `discovery_rate`.
 
-Batch (global, sharded over 'data'):
-  view1, view2 float32 [B, S, S, 3] in [0, 1]
-  mask1, mask2 int32   [B, S, S] segment ids (same id = same source segment)
+Batch (global, sharded over 'data'), as the input pipeline ships it:
+  view1, view2 uint8   [B, S, S, 3] after the geometry; the step's first act
+               is data/color.py's `prepare`: the colour recipe, per example,
+               keyed by the step's 'color' key and the example's 'index'
+  mask1, mask2 uint8/uint16/int32 [B, S, S] segment ids (same id = same
+               source segment), int32 once prepared
+  index        int     [B] global stream positions (colour keys only)
   Odin only:
-  span         float32 [B, 2S, 2S, 3] the spanning view (no colour, no flip)
+  span         uint8   [B, 2S, 2S, 3] the spanning view (no colour, no flip)
   box1, box2   float32 [B, 4] each view's (y0, x0, y1, x1) in the span, [0, 1]
   flip1, flip2 bool    [B]
   Hierarchical grouping (loss.name 'hiergroup', masks.method 'hierarchy'):
@@ -38,7 +42,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from odin_jax import health, hiergroup, losses, objects, sharding
+from odin_jax import health, hiergroup, losses, numerics, objects, sharding
+from odin_jax.data import color
 from odin_jax.discovery import kmeans as kmeans_lib
 from odin_jax.discovery import mapping
 from odin_jax.models import fpn as fpn_lib
@@ -48,6 +53,14 @@ from odin_jax.models import swin
 from odin_jax.models import vit
 
 Batch = dict[str, jax.Array]
+
+# The pipeline's batch entries the step reads (the discovery methods' only
+# when present); train.py and the AOT tool pass exactly these.
+BATCH_KEYS = ("view1", "view2", "mask1", "mask2", "index", "span", "box1",
+              "box2", "flip1", "flip2", "span_mask", "hierarchy")
+# Salt of the colour key: folded into the step's key, not split from it, so
+# the discovery and loss streams keep their values.
+_COLOR_SALT = 0x434F4C52   # 'COLR'
 
 
 @flax.struct.dataclass
@@ -144,8 +157,7 @@ def region_clusters_schedule(config, total_steps: int) -> Callable:
   return num_clusters
 
 
-def _unit(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+_unit = numerics.l2_normalize   # x / max(||x||, 1e-12) on the last axis
 
 
 def make_discover(config, model) -> Callable:
@@ -233,13 +245,15 @@ def step_keys(state: TrainState, num_micro_batches: int = 1
   """Every key this step consumes, all distinct.
 
   Returns {'discovery': key} (Odin/R2O k-means, and the training pictures
-  that show its masks) and {'loss': keys [num_micro_batches]}: micro-batch
+  that show its masks), {'loss': keys [num_micro_batches]}: micro-batch
   i's key for forward_loss (mask-id sampling, which splits it again per
-  view; hierarchical grouping's pixel sampling).
+  view; hierarchical grouping's pixel sampling), and {'color': key}: the
+  colour augmentation's, folded per example position (data/color.py).
   """
-  keys = dict(zip(KEY_STREAMS, jax.random.split(step_key(state),
-                                                len(KEY_STREAMS))))
+  base = step_key(state)
+  keys = dict(zip(KEY_STREAMS, jax.random.split(base, len(KEY_STREAMS))))
   keys["loss"] = jax.random.split(keys["loss"], num_micro_batches)
+  keys["color"] = jax.random.fold_in(base, _COLOR_SALT)
   return keys
 
 
@@ -506,6 +520,7 @@ def make_train_step(config, model, tx, lr_schedule, ema_schedule,
   def train_step(state: TrainState, batch: Batch):
     k = config.grad_accum_steps
     keys = step_keys(state, k)
+    batch = color.prepare(batch, keys["color"], config)
     extra = {}
     if discover is not None:
       found = discover(state, batch, keys["discovery"])

@@ -21,9 +21,10 @@ from jax.experimental import multihost_utils
 
 from odin_jax import (checkpoint, config_check, failure, health, hiergroup,
                       objects, profiling, reporting, sharding, step)
-from odin_jax.data import pipeline, skips, sources
+from odin_jax.data import color, pipeline, skips, sources
 from odin_jax.discovery import cache as mask_cache
 from odin_jax.evaluate import pictures, report, runner
+from odin_jax.export import weights_in
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -114,32 +115,39 @@ def _check_finite(metrics: dict, step_number: int, mngr) -> None:
 
 _SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay",
                      "train/discovery_rate", "train/num_clusters")
-# Batch entries the train step reads (Odin's only when present).
-_STEP_KEYS = ("view1", "view2", "mask1", "mask2", "span", "box1", "box2",
-              "flip1", "flip2", "span_mask", "hierarchy")
 _NUM_PICTURES = 4
 
 
-def _discovery_preview(discover, replicated):
+def _prepared(config, state, batch) -> dict:
+  """The batch as the step sees it: views colour-augmented with the step's
+  own key (data/color.py), so the pictures show what the networks saw."""
+  key = step.step_keys(state, config.grad_accum_steps)["color"]
+  return color.prepare(batch, key, config)
+
+
+def _discovery_preview(config, discover, replicated):
   """jit(state, batch) -> the masks the step uses, for the first images.
 
-  Outputs are the first _NUM_PICTURES images' span_segments, mask1, mask2,
-  replicated so that every host can read them (process 0's local batch
-  starts with the same images).
+  Outputs are the first _NUM_PICTURES images' span_segments, mask1, mask2
+  and their span, view1, view2 (float, as the step saw them), replicated so
+  that every host can read them (process 0's local batch starts with the
+  same images).
   """
   def preview(state, batch):
+    batch = _prepared(config, state, batch)
     found = discover(state, batch, step.discovery_key(state))
+    found.update({k: batch[k] for k in ("span", "view1", "view2")})
     return {k: v[:_NUM_PICTURES] for k, v in found.items()}
   return jax.jit(preview, out_shardings=replicated)
 
 
-def _write_discovery_pictures(writer, number: int, found, batch) -> None:
+def _write_discovery_pictures(writer, number: int, found) -> None:
   """TensorBoard 'discovery/masks': span | segments | masks in both views."""
   found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
   failure.inject("pictures", number)
   panels = [pictures.training_masks_panel(
-      batch["span"][i], found["span_segments"][i], batch["view1"][i],
-      found["mask1"][i], batch["view2"][i], found["mask2"][i])
+      found["span"][i], found["span_segments"][i], found["view1"][i],
+      found["mask1"][i], found["view2"][i], found["mask2"][i])
             for i in range(len(found["mask1"]))]
   writer.write_images(number, {"discovery/masks": np.stack(panels)})
 
@@ -149,33 +157,36 @@ def _sampled_masks_preview(config, replicated):
 
   For data-mask methods (DetCon, BYOL, SimCLR): the first _NUM_PICTURES
   images of micro-batch 0 (global rows 0, k, 2k, ... with k =
-  grad_accum_steps), their mask1, mask2 int [N, S, S] and ids1, ids2 int
-  [N, M], drawn with the step's own key from the whole micro-batch, as
-  forward_loss draws them. Replicated, like _discovery_preview.
+  grad_accum_steps), their view1, view2 float [N, S, S, 3] as the step saw
+  them, mask1, mask2 int [N, S, S] and ids1, ids2 int [N, M], drawn with
+  the step's own key from the whole micro-batch, as forward_loss draws
+  them. Replicated, like _discovery_preview.
   """
   grid, k = step.feature_grid(config), config.grad_accum_steps
 
   def preview(state, batch):
-    masks = [sharding.strided_split(batch[m], k)[0] for m in ("mask1",
-                                                               "mask2")]
+    batch = _prepared(config, state, batch)
+    views, masks = [[sharding.strided_split(batch[f"{name}{v}"], k)[0]
+                     for v in (1, 2)] for name in ("view", "mask")]
     cells = [objects.downsample_segments(m, grid) for m in masks]
     ids = objects.view_mask_ids(config.loss.mask_sampling,
                                 step.step_keys(state, k)["loss"][0], *cells,
                                 config.num_masks)
-    return {"mask1": masks[0][:_NUM_PICTURES], "ids1": ids[0][:_NUM_PICTURES],
-            "mask2": masks[1][:_NUM_PICTURES], "ids2": ids[1][:_NUM_PICTURES]}
+    out = {}
+    for v in range(2):
+      out.update({f"view{v + 1}": views[v], f"mask{v + 1}": masks[v],
+                  f"ids{v + 1}": ids[v]})
+    return {name: x[:_NUM_PICTURES] for name, x in out.items()}
   return jax.jit(preview, out_shardings=replicated)
 
 
-def _write_sampled_masks_pictures(writer, number: int, found, batch,
-                                  every: int) -> None:
+def _write_sampled_masks_pictures(writer, number: int, found) -> None:
   """TensorBoard 'masks/sampled': view | masks | sampled masks, 2 views."""
   found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
-  rows = range(0, len(batch["view1"]), every)[:len(found["mask1"])]
   panels = [pictures.sampled_masks_panel(
-      batch["view1"][r], found["mask1"][i], found["ids1"][i],
-      batch["view2"][r], found["mask2"][i], found["ids2"][i])
-            for i, r in enumerate(rows)]
+      found["view1"][i], found["mask1"][i], found["ids1"][i],
+      found["view2"][i], found["mask2"][i], found["ids2"][i])
+            for i in range(len(found["mask1"]))]
   writer.write_images(number, {"masks/sampled": np.stack(panels)})
 
 
@@ -202,12 +213,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   state = built.init_state(jax.random.PRNGKey(config.seed))
   mngr = checkpoint.manager(workdir, config.max_to_keep)
   state = checkpoint.restore(mngr, state, config, config.get("restore_step"))
+  state = weights_in.apply(state, config)   # init_from: fresh runs only
   start = int(jax.device_get(state.step))
   preemption = _Preemption(start)   # before the long compile of the step
 
   train_step = built.train_step
   discover = step.make_mask_discovery(config, model, **built.schedules)
-  preview = (_discovery_preview(discover, replicated)
+  preview = (_discovery_preview(config, discover, replicated)
              if discover is not None else None)
   image_every = config.odin.image_every_steps
   # Data-mask methods: the masks and the ids the loss samples from them.
@@ -306,19 +318,17 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       batch = next(batches)
       skipped.add(batch)   # counts and names the examples it skipped
       device_batch = sharding.to_global(
-          mesh, {k: v for k, v in batch.items() if k in _STEP_KEYS})
+          mesh, {k: v for k, v in batch.items() if k in step.BATCH_KEYS})
       # Before the step, which donates the state: the parameters after
       # `number - 1` steps (step 0 = random init).
       periodic_eval(state, number - 1)
       if preview is not None and (number == start + 1 or
                                   number % image_every == 0):
-        _write_discovery_pictures(writer, number, preview(state, device_batch),
-                                  batch)
+        _write_discovery_pictures(writer, number, preview(state, device_batch))
       if sampled_preview is not None and (
           number == start + 1 or number % mask_pictures_every == 0):
-        _write_sampled_masks_pictures(
-            writer, number, sampled_preview(state, device_batch), batch,
-            config.grad_accum_steps)
+        _write_sampled_masks_pictures(writer, number,
+                                      sampled_preview(state, device_batch))
       state, metrics = train_step(state, device_batch)
       failure.inject("step", number)
       if pending is not None:

@@ -36,7 +36,7 @@ def _pipeline_batch(config):
   for key in ("span", "box1", "box2", "flip1", "flip2"):
     assert key in batch, key
   assert batch["span"].shape[1] == 2 * config.image_size
-  return {k: v for k, v in batch.items() if k in train._STEP_KEYS}
+  return {k: v for k, v in batch.items() if k in step.BATCH_KEYS}
 
 
 def _one_step(config, batch, devices):

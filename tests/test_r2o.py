@@ -155,7 +155,7 @@ def _batch(config):
   assert batch["span_mask"].shape == batch["span"].shape[:3]
   p = spanning.span_size(config)       # the whole image, clustered at P px
   assert batch["span"].shape == (config.batch_size, p, p, 3)
-  return {k: v for k, v in batch.items() if k in train._STEP_KEYS}
+  return {k: v for k, v in batch.items() if k in step.BATCH_KEYS}
 
 
 def test_region_masks_follow_superpixels_and_k():

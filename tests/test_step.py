@@ -22,9 +22,10 @@ def _batch(config, seed=0):
   b, s = config.batch_size, config.image_size
   blocks = rng.integers(0, 6, size=(2, b, s // 16, s // 16))
   masks = np.kron(blocks, np.ones((16, 16), np.int64)).astype(np.int32)
-  return {"view1": rng.random((b, s, s, 3), np.float32),
-          "view2": rng.random((b, s, s, 3), np.float32),
-          "mask1": masks[0], "mask2": masks[1]}
+  views = rng.integers(0, 256, (2, b, s, s, 3), dtype=np.uint8)
+  return {"view1": views[0], "view2": views[1],
+          "mask1": masks[0], "mask2": masks[1],
+          "index": np.arange(seed * b, (seed + 1) * b, dtype=np.int32)}
 
 
 def _run(config, devices, steps=2):
@@ -120,7 +121,7 @@ def _consumed_keys(state, k):
   the two per-view mask-sampling keys (objects.view_mask_ids splits the
   micro-batch key in two) and the micro-batch key itself (hiergroup)."""
   keys = step.step_keys(state, k)
-  out = {"discovery": keys["discovery"]}
+  out = {"discovery": keys["discovery"], "color": keys["color"]}
   for i in range(k):
     out[f"loss{i}"] = keys["loss"][i]
     for v, view_key in enumerate(jax.random.split(keys["loss"][i])):
@@ -146,7 +147,7 @@ def test_no_two_consumers_share_a_key():
         first = float(jax.random.uniform(key))
         assert first not in first_draws, (k, number, name, first_draws[first])
         first_draws[first] = (number, name)
-    assert len(first_draws) == 3 * (1 + 3 * k)
+    assert len(first_draws) == 3 * (2 + 3 * k)
 
 
 def test_all_ids_sampling_trains_without_randomness_in_the_loss():
@@ -155,6 +156,10 @@ def test_all_ids_sampling_trains_without_randomness_in_the_loss():
   config = detcon_b.get_config("test")
   config.loss.mask_sampling = "all"
   config.num_masks = 12                # > the 3x3 grid's 9 cells: padding
+  # No colour augmentation: its draws follow the step's key too.
+  a = config.augment
+  a.color_jitter_prob = a.grayscale_prob = 0.0
+  a.blur_prob = a.solarize_prob = (0.0, 0.0)
   model, tx, lr, ema, state = _setup(config)
   fn = jax.jit(step.make_train_step(config, model, tx, lr, ema))
   batch = _batch(config)

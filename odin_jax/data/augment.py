@@ -1,8 +1,12 @@
-"""Two-view augmentation for one example, in TensorFlow.
+"""Two-view geometry for one example, in TensorFlow, on the host.
 
-The recipe is the config's: BYOL's asymmetric one by default (DetCon-B, BYOL,
-Odin A.1, R2O), SimCLR's symmetric one for DetCon-S and SimCLR
-(configs/common.py: simclr_augmentation).
+The host does the geometry: the random resized crop and the flip, the same
+for the image and its masks, and the resize; the views leave as uint8 and
+the masks as the narrowest integer type that holds their ids. The colour
+half of each recipe (BYOL's asymmetric one for DetCon-B, BYOL, Odin A.1 and
+R2O; SimCLR's symmetric one for DetCon-S and SimCLR) runs inside the jitted
+step on the accelerator: data/color.py, which also says how its randomness
+follows each example's stream position.
 
 Everything runs in TF graph mode inside tf.data and ALL randomness comes from
 stateless ops keyed by an explicit seed (int32/int64 tensor of shape [2]), so
@@ -15,10 +19,7 @@ Per view (each view draws its own randomness):
             applied with the SAME box and flip to the image (bicubic, clipped
             to [0, 1]) and to its segment map (nearest: ids are never
             interpolated, so output ids are a subset of input ids);
-  colour    (image only) colour jitter (additive brightness, contrast,
-            saturation, hue in random order) with prob p, grayscale, Gaussian
-            blur (zero padding), solarisation: sample_color_params draws the
-            parameters, apply_color applies them (pure ops, one per function).
+  transport the view rounded to uint8; the masks cast by narrow_masks.
 
 `config` may be the full experiment ConfigDict (reads config.image_size and
 config.augment.*) or, for the helpers that do not need the view size, the
@@ -147,173 +148,74 @@ def crop_resize_flip(image, segments, box, flip, size: int):
   return view, mask
 
 
-# --- Colour ----------------------------------------------------------------
-# Every colour op is a pure function (image float [S, S, 3], parameter) ->
-# image, and sample_color_params draws all of one view's parameters at once:
-# the ops can be checked against NumPy with known parameters, and moved onto
-# the device (jnp) one at a time. Ops, order and ranges follow BYOL's
-# augmentations.py (the DetCon-B / Odin A.1 recipe): jitter -> grayscale ->
-# blur -> solarise. SimCLR v1's data_util.py has the same ops bar solarise.
+# --- Transport ---------------------------------------------------------------
+# Views cross to the device as uint8 and masks as the narrowest unsigned type
+# that holds their ids; the colour augmentation runs there (data/color.py).
 
-def adjust_brightness(image, delta):
-  """image + delta (any shape). Additive, as BYOL / DetCon / Odin A.1 and
-  SimCLR v1 (tf.image.random_brightness); SimCLR v2's code multiplies."""
-  return image + delta
+def to_uint8(image):
+  """float image in [0, 1] (any shape) -> uint8, rounded to nearest."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0),
+                 tf.uint8)
 
 
-def adjust_contrast(image, factor):
-  """mean_c + factor * (image - mean_c), mean_c per channel over [S, S]."""
-  return tf.image.adjust_contrast(image, factor)
+def mask_dtype(config) -> tf.DType:
+  """uint8 where the mask method bounds the ids below 256 (grids of up to
+  16 x 16 cells), else uint16. Full config or its masks sub-config."""
+  m = config.masks if "masks" in config else config
+  if m.method == "grid" and int(m.grid_size) ** 2 <= 256:
+    return tf.uint8
+  return tf.uint16
 
 
-def adjust_saturation(image, factor):
-  """HSV saturation * factor, clipped to [0, 1] (TF's op, BYOL's formula)."""
-  return tf.image.adjust_saturation(image, factor)
+def narrow_masks(views: dict, config, keys=("mask1", "mask2", "span_mask")
+                 ) -> dict:
+  """views with its segment maps cast to mask_dtype(config), ids kept.
 
-
-def adjust_hue(image, delta):
-  """HSV hue + delta, modulo 1 (delta in [-0.5, 0.5])."""
-  return tf.image.adjust_hue(image, delta)
-
-
-def to_grayscale(image):
-  """ITU-R 601 luma (0.2989, 0.5870, 0.1140) repeated in 3 channels."""
-  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
-
-
-def solarize(image, threshold: float = 0.5):
-  """Values >= threshold become 1 - value (BYOL's threshold 0.5)."""
-  return tf.where(image < threshold, image, 1.0 - image)
-
-
-def blur_radius(size: int) -> int:
-  """Half-width of the blur kernel for views of side `size`.
-
-  BYOL and SimCLR use a kernel of ~10% of the view, int(size / 10 / 2) taps
-  each side: 23 taps at 224 px, 9 at 80-96 px. At least 1, so views under
-  20 px (never trained on) still get a 3-tap kernel.
+  Ids are the source's segment ids (FH / SLIC labels, instance ids), which
+  are far below 2^16 in practice. An example whose largest id does not fit
+  is relabelled 0, 1, ... in order of first appearance, jointly over its
+  maps, so equal ids stay equal across views (which is all the step reads
+  from them), never wrapping. Hierarchy leaf ids index the example's tree
+  distances and are never relabelled (they are < masks.hier_max_leaves).
   """
-  return max(1, int(size / 20))
+  present = [k for k in keys if k in views]
+  if not present:
+    return views
+  dtype = mask_dtype(config)
+  limit = dtype.max
+  maps = [tf.cast(views[k], tf.int32) for k in present]
+  flat = tf.concat([tf.reshape(m, [-1]) for m in maps], 0)
+
+  def relabel():
+    _, dense = tf.unique(flat)
+    sizes = [tf.size(m) for m in maps]
+    return [tf.reshape(d, tf.shape(m))
+            for d, m in zip(tf.split(dense, sizes), maps)]
+
+  if "hierarchy" not in views:
+    maps = tf.cond(tf.reduce_max(flat) > limit, relabel, lambda: maps)
+  out = dict(views)
+  for k, m in zip(present, maps):
+    out[k] = tf.cast(m, dtype)
+  return out
 
 
-def gaussian_blur(image, sigma, size: int):
-  """Separable Gaussian blur of float [S, S, 3] with ZERO padding.
+def one_view(image, segments, seed, config):
+  """One view's geometry: the same crop, resize and flip of image and mask.
 
-  The zero padding is the references' ('SAME' depthwise conv in BYOL and
-  SimCLR): pixels within blur_radius(size) of the border are darkened, as in
-  the papers' training. Written as a weighted sum of shifted slices (~5x
-  faster than a depthwise conv on CPU at these sizes, same values).
-  Args:
-    image: float [S, S, 3]; sigma: scalar std (pixels); size: S.
-  Returns:
-    float [S, S, 3].
+  Returns uint8 [S, S, 3] and int32 [S, S] (S = image_size). The seed's
+  second half was the host's colour draw before that moved to the device
+  (data/color.py); the split is kept so the geometry of every seed, and so
+  every view's crop, is unchanged.
   """
-  radius = blur_radius(size)
-  taps = 2 * radius + 1
-  x = tf.range(-radius, radius + 1, dtype=tf.float32)
-  kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
-  kernel /= tf.reduce_sum(kernel)
-  h, w = int(image.shape[0]), int(image.shape[1])
-  padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]])
-  rows = tf.add_n([kernel[i] * padded[:, i:i + w] for i in range(taps)])
-  return tf.add_n([kernel[i] * rows[i:i + h] for i in range(taps)])
-
-
-def sample_color_params(seed, config, view: int) -> dict:
-  """Every random draw of one view's colour augmentation.
-
-  Args:
-    seed: int32/int64 [2] stateless seed.
-    config: full config or its augment sub-config.
-    view: 0 or 1, selects blur_prob[view] and solarize_prob[view].
-  Returns:
-    dict of scalars: jitter, grayscale, blur, solarize (bool: apply the op);
-    brightness (additive delta ~ U[-b, b]), contrast and saturation
-    (factors ~ U[max(0, 1 - c), 1 + c]), hue (delta ~ U[-h, h]), order
-    (int32 [4], a uniform permutation of the jitter ops brightness,
-    contrast, saturation, hue = 0..3), sigma (blur std ~ U[min, max]).
-  """
-  a = _aug(config)
-  s = _split(seed, 3)
-  u = _uniform(s[0], (4,))     # apply: jitter, grayscale, blur, solarise
-  j = _split(s[1], 5)
-  factor = lambda k, m: _uniform(k, (), max(0.0, 1.0 - m), 1.0 + m)
-  return {
-      "jitter": u[0] < a.color_jitter_prob,
-      "grayscale": u[1] < a.grayscale_prob,
-      "blur": u[2] < float(a.blur_prob[view]),
-      "solarize": u[3] < float(a.solarize_prob[view]),
-      "brightness": _uniform(j[0], (), -a.brightness, a.brightness),
-      "contrast": factor(j[1], a.contrast),
-      "saturation": factor(j[2], a.saturation),
-      "hue": _uniform(j[3], (), -a.hue, a.hue),
-      "order": tf.argsort(_uniform(j[4], (4,))),   # int32
-      "sigma": _uniform(s[2], (), a.blur_sigma_min, a.blur_sigma_max),
-  }
-
-
-def color_jitter(image, params):
-  """The 4 jitter ops of float [S, S, 3] in params['order'], each clipped to
-  [0, 1] (as BYOL and SimCLR do). params: sample_color_params' dict."""
-  clip = lambda y: tf.clip_by_value(y, 0.0, 1.0)
-
-  def apply(op, x):
-    return tf.switch_case(op, [
-        lambda: clip(adjust_brightness(x, params["brightness"])),
-        lambda: clip(adjust_contrast(x, params["contrast"])),
-        lambda: clip(adjust_saturation(x, params["saturation"])),
-        lambda: clip(adjust_hue(x, params["hue"])),
-    ])
-
-  # One loop over the 4 steps traces the branches once (not 4 times).
-  _, image = tf.while_loop(lambda i, x: i < 4,
-                           lambda i, x: (i + 1, apply(params["order"][i], x)),
-                           (tf.constant(0), image))
-  return image
-
-
-def apply_color(image, params):
-  """Jitter -> grayscale -> blur -> solarise, each where params say, clipped.
-
-  Args:
-    image: float32 [S, S, 3] in [0, 1].
-    params: sample_color_params' dict.
-  Returns:
-    float32 [S, S, 3] in [0, 1].
-  """
-  size = int(image.shape[0])
-  image = tf.cond(params["jitter"], lambda: color_jitter(image, params),
-                  lambda: image)
-  image = tf.cond(params["grayscale"], lambda: to_grayscale(image),
-                  lambda: image)
-  image = tf.cond(params["blur"],
-                  lambda: gaussian_blur(image, params["sigma"], size),
-                  lambda: image)
-  image = tf.cond(params["solarize"], lambda: solarize(image), lambda: image)
-  return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def color_augment(image, seed, config, view: int):
-  """One view's random colour augmentation of float32 [S, S, 3] in [0, 1]."""
-  return apply_color(image, sample_color_params(seed, config, view))
-
-
-def one_view(image, segments, seed, config, view: int):
-  """One augmented view: geometry on image + mask, colour on the image.
-
-  view (0 or 1) selects blur_prob[view] and solarize_prob[view].
-  Returns float32 [S, S, 3] in [0, 1] and int32 [S, S] (S = image_size).
-  """
-  a = config.augment
   size = int(config.image_size)
   s = _split(seed, 2)
   shape = tf.shape(image)
-  box, flip = sample_geometry(s[0], shape[0], shape[1], a)
+  box, flip = sample_geometry(s[0], shape[0], shape[1], config.augment)
   out, mask = crop_resize_flip(image, segments, box, flip, size)
   out.set_shape([size, size, 3])
-  out = color_augment(out, s[1], a, view)
   mask.set_shape([size, size])
-  return out, mask
+  return to_uint8(out), mask
 
 
 def two_views(image, segments, seed, config):
@@ -325,10 +227,11 @@ def two_views(image, segments, seed, config):
     seed: int32/int64 [2] stateless seed; output is a pure function of it.
     config: full config (image_size, augment.*).
   Returns:
-    dict view1, view2: float32 [S, S, 3] in [0, 1]; mask1, mask2: int32
-    [S, S], the source segment ids carried through each view's geometry.
+    dict view1, view2: uint8 [S, S, 3], before colour augmentation (the
+    step applies it: data/color.py); mask1, mask2: int32 [S, S], the
+    source segment ids carried through each view's geometry.
   """
   seeds = _split(tf.convert_to_tensor(seed), 2)
-  view1, mask1 = one_view(image, segments, seeds[0], config, 0)
-  view2, mask2 = one_view(image, segments, seeds[1], config, 1)
+  view1, mask1 = one_view(image, segments, seeds[0], config)
+  view2, mask2 = one_view(image, segments, seeds[1], config)
   return {"view1": view1, "view2": view2, "mask1": mask1, "mask2": mask2}

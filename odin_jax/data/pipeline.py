@@ -64,8 +64,11 @@ FolderSource keeps its cheap header check (PIL verify), which rejects
 non-images at start-up.
 
 Each element of the dataset is a per-host batch (B = G / P):
-  'view1', 'view2': float32 [B, S, S, 3] in [0, 1]
-  'mask1', 'mask2': int32   [B, S, S]   source segment ids through each view
+  'view1', 'view2': uint8   [B, S, S, 3] after the geometry only: the step
+                                        applies the colour recipe, keyed by
+                                        'index' (data/color.py)
+  'mask1', 'mask2': uint8/uint16 [B, S, S] source segment ids through each
+                                        view (augment.narrow_masks)
   'index':          int64   [B]         global position p
   'example_id':     int64   [B]         source example id (global) of the
                                         example used (a substitute's id where
@@ -82,11 +85,11 @@ with masks.method 'hierarchy' also (data/hierarchy.py; L = max_leaves):
   'hierarchy':      float32 [B, L, L]   tree distances between leaf ids
 with config.odin.enabled also (spanning.two_views_with_span; span side
 odin.span_scale x S, 2S by default):
-  'span':           float32 [B, 2S, 2S, 3] un-augmented spanning view
+  'span':           uint8   [B, 2S, 2S, 3] un-augmented spanning view
   'box1', 'box2':   float32 [B, 4]      view boxes in the span, (y0,x0,y1,x1)
   'flip1', 'flip2': bool    [B]
 with config.r2o.enabled the same plus
-  'span_mask':      int32   [B, 2S, 2S] source segments on the spanning view
+  'span_mask':      uint8/uint16 [B, 2S, 2S] source segments on the span
 """
 
 from __future__ import annotations
@@ -371,8 +374,9 @@ def make_train_dataset(config, source, *, global_batch_size: int,
                 tf.constant(-1, tf.int64))))
 
   def views(example):
-    out = make_views(example["image"], example["segments"],
-                     augment_seed_at(example["index"], seed), config)
+    out = augment.narrow_masks(
+        make_views(example["image"], example["segments"],
+                   augment_seed_at(example["index"], seed), config), config)
     if "hierarchy" in example:   # region-tree distances: not view-dependent
       out["hierarchy"] = example["hierarchy"]
     for key in ("index", "example_id", "skipped", "bad_id"):

@@ -62,11 +62,11 @@ def spanning_view(image, box, size: int):
     box: (y0, x0, h, w) int32 scalars inside the image, e.g. spanning_box.
     size: output side (python int), e.g. 448.
   Returns:
-    float32 [size, size, 3] in [0, 1].
+    uint8 [size, size, 3] (the step scales it to [0, 1]: data/color.py).
   """
   span = augment.crop_resize_image(image, box, size)
   span.set_shape([size, size, 3])
-  return span
+  return augment.to_uint8(span)
 
 
 def relative_box(view_box, span_box):
@@ -147,11 +147,10 @@ def two_views_with_span(image, segments, seed, config):
     config: full config (image_size, augment.*, optionally odin.span_scale).
   Returns:
     dict with, for S = image_size and P = span_size(config) (2S by default):
-      view1, view2  float32 [S, S, 3]  bit-identical to augment.two_views;
+      view1, view2  uint8 [S, S, 3]    bit-identical to augment.two_views;
       mask1, mask2  int32 [S, S]       bit-identical to augment.two_views;
-      span          float32 [P, P, 3]  spanning view (or whole image) in
-                                       [0, 1] (no colour augmentation,
-                                       never flipped);
+      span          uint8 [P, P, 3]    spanning view (or whole image), no
+                                       colour augmentation, never flipped;
       box1, box2    float32 [4]        view boxes (y0, x0, y1, x1) relative
                                        to the span (spanning view or whole
                                        image), in [0, 1];
