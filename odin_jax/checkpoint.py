@@ -42,14 +42,62 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from odin_jax import numerics
+
 # Fields that may change between a run and its resumption without
 # invalidating the checkpoint (logging, schedules of saving, block mode), and
 # (dotted: one field of a section) the memory/profiling knobs, which change
 # how the same computation is laid out, not what it computes: a run resumed
 # on a bigger slice may turn FSDP or remat off, and may profile other steps.
 _MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "max_to_keep",
-                   "restore_step", "block_every_step", "total_steps",
-                   "num_epochs", "eval", "profile", "sharding", "model.remat")
+                   "restore_step", "init_from", "block_every_step",
+                   "total_steps", "num_epochs", "eval", "profile", "sharding",
+                   "model.remat", "health", "mask_pictures_every_steps",
+                   "dataset.max_bad_fraction")
+
+# Config translation: checkpoints written before a field existed (or under
+# an older name) are read as if their config held the value that reproduces
+# what the code did then, so that they resume. A field added later is
+# listed with that value; a renamed one with its new name and a function of
+# the old value. Changes here are logged on restore.
+_ADDED_FIELDS = {
+    "warmup_fraction": 0.0,           # warm-up was warmup_epochs only
+    "loss.mask_sampling": "shared",   # both views pooled the same ids
+    "r2o.cluster_view": "spanning",   # R2O clustered the spanning view
+}
+_RENAMED_FIELDS = {
+    # 'this device only' was loss.local_negatives=True.
+    "loss.local_negatives": ("loss.negatives",
+                             lambda v: "device" if v else "global"),
+}
+# Fields whose removal changes nothing a checkpoint holds.
+_REMOVED_FIELDS = ("eval.tfds_image_size",)
+
+
+def translate_config(saved: dict) -> tuple[dict, list[str]]:
+  """An old checkpoint's flat config in today's layout, and what changed.
+
+  Args:
+    saved: the checkpoint's config, flattened ({'loss.negatives': ...}).
+  Returns:
+    (translated flat config, one line per translated field).
+  """
+  out, notes = dict(saved), []
+  for old, (new, convert) in _RENAMED_FIELDS.items():
+    if old in out:
+      value = out.pop(old)
+      if value is not None and new not in saved:
+        out[new] = convert(value)
+        notes.append(f"{old}={value!r} -> {new}={out[new]!r}")
+  for field in _REMOVED_FIELDS:
+    if out.pop(field, None) is not None:
+      notes.append(f"{field} dropped (no longer a setting)")
+  for field, legacy in _ADDED_FIELDS.items():
+    if field not in out:
+      out[field] = legacy
+      notes.append(f"{field} absent: read as {legacy!r}, the behaviour of "
+                   "the code that wrote it")
+  return out, notes
 
 # Suffixes of step directories training set aside (not step names to orbax,
 # so it neither lists nor garbage-collects them).
@@ -344,26 +392,37 @@ def _set_aside_dirs(directory, step: int) -> list:
 
 
 def _check_compatible(meta: dict, config, directory) -> None:
-  saved = _flatten(json.loads(meta["config"]))
-  now = _flatten(json.loads(config.to_json()))
+  saved, notes = translate_config(
+      numerics.flatten_config(json.loads(meta["config"])))
+  now = numerics.flatten_config(json.loads(config.to_json()))
+  if now.get("loss.local_negatives", 0) is None:   # today's placeholder
+    now.pop("loss.local_negatives")
   diffs = [k for k in sorted(set(saved) | set(now))
-           if not _is_mutable(k) and saved.get(k) != now.get(k)]
+           if not _is_mutable(k) and not _inactive(k, saved, now)
+           and saved.get(k) != now.get(k)]
   if diffs:
+    shown = ", ".join(f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now "
+                      f"{now.get(k, '(absent)')!r}" for k in diffs[:8])
     raise ValueError(
         f"The checkpoint in {directory} was written with a different config "
-        f"(fields {diffs} differ). Use a new --workdir for a new experiment, "
-        "or pass the original config to resume.")
+        f"(fields {diffs} differ; {shown}). Use a new --workdir for a new "
+        "experiment, or pass the original config to resume (e.g. "
+        f"--config.{diffs[0]}={saved.get(diffs[0])!r}).")
+  if notes:
+    logging.info("Checkpoint in %s written by an older odin_jax; its config "
+                 "was translated: %s.", directory, "; ".join(notes))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{'model': {'depth': 50}} -> {'model.depth': 50}."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) and v:
-      flat.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      flat[f"{prefix}{k}"] = v
-  return flat
+# A method's section changes nothing while the method is off (in both the
+# checkpoint's config and today's).
+_SWITCHED_SECTIONS = {"odin": "odin.enabled", "r2o": "r2o.enabled"}
+
+
+def _inactive(name: str, saved: dict, now: dict) -> bool:
+  """True if `name` lies in a method section that is off in both configs."""
+  switch = _SWITCHED_SECTIONS.get(name.split(".")[0])
+  return (switch is not None and switch != name
+          and not saved.get(switch) and not now.get(switch))
 
 
 def _is_mutable(name: str) -> bool:
