@@ -32,6 +32,15 @@ def get_config(arg=None):
     c.odin.span_scale = 1.0
     if c.dataset.name != "demo":
       c.num_epochs = 100           # Odin §4.2: ViT-B/8 for 100 epochs
+  if c.dataset.name != "demo":
+    # The paper's batch 4096 puts 128 images on each v4-64 chip. In float32
+    # Odin's step (θ, ξ on two 224-px views and τ on the 448-px spanning
+    # view) needs ~26 GiB of temporaries at 64 images per chip (issue 17),
+    # so twice that cannot fit a 32 GiB chip: compute in bfloat16 and
+    # recompute each block's activations in the backward pass
+    # (bench/aot_table.py measures the fit).
+    c.model.dtype = "bfloat16"
+    c.model.remat = "blocks"
   if c.dataset.name == "demo":     # demo / test presets: a small FPN
     if c.model.fpn_channels:
       c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
