@@ -6,6 +6,7 @@ fields added since (loss.mask_sampling, loss.negatives, ...) and holds one
 renamed since (loss.local_negatives). checkpoint.translate_config reads them
 as the behaviour of the code that wrote them.
 """
+import json
 import shutil
 
 import jax
@@ -62,3 +63,26 @@ def test_old_checkpoint_restores_and_trains_on(module, tmp_path):
   assert len(flat_old) == len(flat_new)
   moved = [float(np.abs(a - b).max()) for a, b in zip(flat_old, flat_new)]
   assert max(moved) > 0 and max(moved) < 1.0
+
+
+@pytest.mark.parametrize("module", [detcon_b, odin], ids=["detcon_b", "odin"])
+def test_checkpoint_continues_to_the_recorded_losses(module, tmp_path):
+  # Written at c97bd70 (step 2 of 4); the uninterrupted run's losses at
+  # steps 3 and 4 are recorded beside it. Restoring and training on must
+  # give them again, whatever the code's layout has become since.
+  name = module.__name__.split(".")[-1]
+  fixture = f"tests/fixtures/checkpoints_c97bd70/{name}"
+  workdir = tmp_path / name
+  shutil.copytree(f"{fixture}/checkpoints", workdir / "checkpoints")
+  with open(f"{fixture}/expected_losses.json", encoding="utf-8") as f:
+    expected = {int(k): v for k, v in json.load(f).items()}
+  config = module.get_config("test")
+  config.total_steps, config.log_every_steps = 4, 1
+  config.checkpoint_every_steps, config.max_to_keep = 2, 2
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 4
+  got = {r["step"]: r["train/loss"]
+         for r in reporting.read_metrics(str(workdir))}
+  assert sorted(got) == sorted(expected)
+  for s in expected:   # float32 on another CPU: rounding, not behaviour
+    np.testing.assert_allclose(got[s], expected[s], rtol=1e-4)
