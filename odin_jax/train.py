@@ -210,8 +210,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   model = built.model
   total_steps, warmup_steps = built.total_steps, built.warmup_steps
   replicated = sharding.replicated(mesh)
-  state = built.init_state(jax.random.PRNGKey(config.seed))
   mngr = checkpoint.manager(workdir, config.max_to_keep)
+  if mngr.latest_step() is None:   # a fresh run: a bad init_from fails now
+    weights_in.check(built.abstract_state, config)
+  state = built.init_state(jax.random.PRNGKey(config.seed))
   state = checkpoint.restore(mngr, state, config, config.get("restore_step"))
   state = weights_in.apply(state, config)   # init_from: fresh runs only
   start = int(jax.device_get(state.step))

@@ -7,6 +7,7 @@ same tables against real torchvision and timm models.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -195,6 +196,28 @@ def test_mismatch_names_the_first_keys(resnet_config, tmp_path):
                      r"params/stem_conv/kernel expected \(7, 7, 3, 8\) found "
                      r"\(7, 7, 3, 16\)"):
     weights_in.load_backbone(str(npz), resnet_config, _expected(flat))
+
+
+def test_a_wrong_file_stops_training_before_the_state_is_built(
+    resnet_config, tmp_path, monkeypatch):
+  # The check runs on step.build's abstract state: the state's init (a
+  # compile of a minute on a real network) never starts.
+  flat = _random_backbone(resnet_config)
+  path = str(tmp_path / "r18.safetensors")
+  st_numpy.save_file(convert.torchvision_state_dict(
+      traverse_util.unflatten_dict(flat, sep="/"), 18), path)
+  config = resnet_config.copy_and_resolve_references()
+  config.model.depth, config.init_from, config.total_steps = 34, path, 1
+  real_build = step.build
+
+  def build(*args, **kwargs):
+    def never(*_):
+      raise AssertionError("the train state was built before the check")
+    return dataclasses.replace(real_build(*args, **kwargs), init_state=never)
+
+  monkeypatch.setattr(step, "build", build)
+  with pytest.raises(ValueError, match=r"ResNet-34 .* missing: layer1\.2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 # --- Training and evaluation --------------------------------------------------

@@ -261,6 +261,24 @@ def match(path: str, config, fmt: str, arrays: dict,
   return flat, info
 
 
+def _shapes(expected_variables: dict) -> dict[str, tuple]:
+  """{'params/stem/...': shape} of a network's backbone variables."""
+  from flax import traverse_util
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
+      {k: v for k, v in expected_variables.items() if v}, sep="/").items()}
+
+
+def check(abstract_state, config) -> None:
+  """Raises the mismatch error of config.init_from now, against the state's
+  shapes (step.build's abstract_state), before the state's init compiles:
+  a wrong file fails in seconds, not after a minute of compiling."""
+  path = config.get("init_from") or ""
+  if path:
+    fmt, arrays = read_arrays(path)
+    match(path, config, fmt, arrays, _shapes(
+        _expected(abstract_state.params, abstract_state.batch_stats)))
+
+
 def load_backbone(path: str, config, expected_variables: dict,
                   read: tuple | None = None) -> tuple[dict, dict]:
   """The backbone arrays in `path` under the config network's Flax names.
@@ -278,11 +296,8 @@ def load_backbone(path: str, config, expected_variables: dict,
     stage1-3 output norms under timm names: info['kept_at_init']);
     info: source, format, counts and the names ignored / kept, also logged).
   """
-  from flax import traverse_util
-  shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
-      {k: v for k, v in expected_variables.items() if v}, sep="/").items()}
   fmt, arrays = read or read_arrays(path)
-  flat, info = match(path, config, fmt, arrays, shapes)
+  flat, info = match(path, config, fmt, arrays, _shapes(expected_variables))
   info.update(source=str(path), backbone=_title(config),
               parameters=int(sum(v.size for k, v in flat.items()
                                  if k.startswith("params/"))))
