@@ -239,6 +239,19 @@ class FeatureSource:
     self._variables = jax.device_get({"params": params,
                                       "batch_stats": batch_stats})
 
+  @property
+  def variables(self) -> dict:
+    """Host copy of the network's {'params', 'batch_stats'}."""
+    return self._variables
+
+  def map_fn(self, feature: str, size: Sequence[int]) -> tuple:
+    """(fn, key): fn(variables, images uint8 [N, H, W, 3]) -> float32
+    [N, h, w, D], this network's `feature` at input size (H', W') = size,
+    traced once per key = (network, feature, size), hashable."""
+    size = tuple(int(s) for s in size)
+    key = (self._model_json, feature, size)
+    return _feature_fn(self._config, self._model_json, feature, size), key
+
   def with_feature(self, feature: str) -> "FeatureSource":
     """The same network, input size and batch, another feature map."""
     other = copy.copy(self)

@@ -37,8 +37,8 @@ byol/configs/eval.py and eval_experiment.py), which DetCon and Odin reuse:
 
 Images are cropped and resized by TF (CPU) and sent as uint8 (the bicubic
 output rounded: at most 0.5/255 from BYOL's float pixels) to the
-evaluation's feature function (`features._feature_fn` of the runner's
-`FeatureSource`, which scales to [0, 1]; the network
+evaluation's feature function (`FeatureSource.map_fn` of the runner's
+network, which scales to [0, 1]; the network
 normalises with the ImageNet mean / std itself), pooled on device. Batches
 are split over the local devices when they divide the batch. The dataset
 is read from eval.tfds_data_dir and is never downloaded: an unprepared one
@@ -353,9 +353,9 @@ _POOLED_FNS: dict = {}
 class PooledFeatures:
   """Frozen pooled features on device: uint8 [B, S, S, 3] -> float32 [B, D].
 
-  Wraps the evaluation's feature function (`features._feature_fn` of the
-  FeatureSource's network) and averages the map over its cells, in one
-  program per (network, feature, size). The batch is split over the local
+  Wraps the evaluation's feature function (FeatureSource.map_fn) and
+  averages the map over its cells, in one program per (network, feature,
+  size). The batch is split over the local
   devices when their number divides it.
   """
 
@@ -368,13 +368,10 @@ class PooledFeatures:
     self._batch = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("data"))
     self._variables = jax.device_put(
-        source._variables,   # pylint: disable=protected-access
+        source.variables,
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    key = (source._model_json, feature, int(size))  # pylint: disable=protected-access
+    maps, key = source.map_fn(feature, (size, size))
     if key not in _POOLED_FNS:
-      maps = features_lib._feature_fn(  # pylint: disable=protected-access
-          source._config, source._model_json, feature,  # pylint: disable=protected-access
-          (int(size), int(size)))
       _POOLED_FNS[key] = jax.jit(
           lambda variables, images: maps(variables, images).mean(axis=(1, 2)))
     self._fn = _POOLED_FNS[key]
