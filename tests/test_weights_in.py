@@ -332,3 +332,19 @@ def test_evaluate_source_init_from(started):
     record = json.load(f)
   assert record["source"] == source and record["step"] == 0
   assert os.path.isdir(os.path.join(workdir, "eval"))
+
+
+def test_evaluate_cli_ends_a_bad_file_with_one_line(tmp_path):
+  # Not a traceback as the last word: exit 1, `odin_jax failed: ...` last.
+  import subprocess
+  import sys
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"not a safetensors file")
+  proc = subprocess.run(
+      [sys.executable, "-m", "odin_jax.evaluate",
+       "--config=configs/byol.py:test", f"--workdir={tmp_path / 'w'}",
+       f"--source=init_from:{bad}", "--evals=discovery", "--notensorboard"],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("odin_jax failed: ") and "Error" in last, last

@@ -52,27 +52,40 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so --help is fast and TF/JAX start after flag parsing.
+  from odin_jax import failure
   from odin_jax import runtime
   from odin_jax.evaluate import runner
   from odin_jax.evaluate import settings
   runtime.setup()
-  writer = None
-  if _TENSORBOARD.value:
-    from clu import metric_writers
-    writer = metric_writers.create_default_writer(
-        _WORKDIR.value, just_logging=False, asynchronous=False)
-  which = _EVALS.value
-  if which == ["periodic"]:
-    which = "periodic"
-  metrics = runner.evaluate(
-      _CONFIG.value, _WORKDIR.value, step=_STEP.value, which=which,
-      source=_SOURCE.value, params_key=_PARAMS.value, writer=writer,
-      overrides=settings.parse_overrides(_SET.value), log_table=False)
-  if writer is not None:
-    writer.close()
+
+  def run():
+    # A failure (a missing dataset, a bad checkpoint or init_from file)
+    # ends the process non-zero with `odin_jax failed: Type: message` as
+    # the last line; the traceback is in the log above it.
+    writer = None
+    if _TENSORBOARD.value:
+      from clu import metric_writers
+      writer = metric_writers.create_default_writer(
+          _WORKDIR.value, just_logging=False, asynchronous=False)
+    which = _EVALS.value
+    if which == ["periodic"]:
+      which = "periodic"
+    metrics = runner.evaluate(
+        _CONFIG.value, _WORKDIR.value, step=_STEP.value, which=which,
+        source=_SOURCE.value, params_key=_PARAMS.value, writer=writer,
+        overrides=settings.parse_overrides(_SET.value), log_table=False)
+    if writer is not None:
+      writer.close()
+    return metrics
+
+  metrics = failure.exit_on_failure(run)
   logging.info("Done.")
-  step = "latest" if _STEP.value is None else _STEP.value
-  title = f"{_SOURCE.value} ({_PARAMS.value}), step {step}: {_WORKDIR.value}"
+  if _SOURCE.value.startswith("init_from:"):   # imported weights: no step
+    title = f"{_SOURCE.value}: {_WORKDIR.value}"
+  else:
+    step = "latest" if _STEP.value is None else _STEP.value
+    title = (f"{_SOURCE.value} ({_PARAMS.value}), step {step}: "
+             f"{_WORKDIR.value}")
   print(runner.format_table(metrics, title), flush=True)
 
 
