@@ -61,15 +61,10 @@ def adjust_contrast(image, factor):
 
 def rgb_to_hsv(rgb):
   """[..., 3] RGB in [0, 1] -> HSV in [0, 1] (hue in turns; 0 where gray)."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  v = jnp.max(rgb, axis=-1)
-  delta = v - jnp.min(rgb, axis=-1)
+  v = jnp.max(rgb, axis=-1, keepdims=True)
+  delta = v - jnp.min(rgb, axis=-1, keepdims=True)
   s = jnp.where(v > 0, delta / jnp.where(v > 0, v, 1.0), 0.0)
-  safe = jnp.where(delta > 0, delta, 1.0)
-  h = jnp.where(v == r, (g - b) / safe,
-                jnp.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
-  return jnp.stack([h, s, v], axis=-1)
+  return jnp.concatenate([_hue(rgb, v, delta), s, v], axis=-1)
 
 
 def hsv_to_rgb(hsv):
@@ -94,10 +89,28 @@ def adjust_saturation(image, factor):
   return jnp.where(delta > 0, v - scale * (v - image), image)
 
 
+def _hue(image, v, delta):
+  """HSV hue in turns of [..., 3] RGB, given v = max and delta = max - min
+  ([..., 1] each); 0 where gray."""
+  r, g, b = image[..., 0:1], image[..., 1:2], image[..., 2:3]
+  safe = jnp.where(delta > 0, delta, 1.0)
+  h = jnp.where(v == r, (g - b) / safe,
+                jnp.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+  return jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+
+
 def adjust_hue(image, delta):
-  """HSV hue + delta, modulo 1 (delta in [-0.5, 0.5])."""
-  hsv = rgb_to_hsv(image)
-  return hsv_to_rgb(hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + delta, 1.0)))
+  """HSV hue + delta, modulo 1 (delta in [-0.5, 0.5]).
+
+  Saturation and value stay, so the result is hsv_to_rgb's formula with
+  v s = max - min: channel n = v - (v - min) clip(min(k, 4 - k), 0, 1),
+  k = (n + 6 (h + delta)) mod 6; no division by v, no HSV array.
+  """
+  v = jnp.max(image, axis=-1, keepdims=True)
+  spread = v - jnp.min(image, axis=-1, keepdims=True)
+  h = jnp.mod(_hue(image, v, spread) + delta, 1.0)
+  k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + 6.0 * h, 6.0)
+  return v - spread * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def to_grayscale(image):
