@@ -157,13 +157,20 @@ def gaussian_blur(image, sigma):
 
 # --- Parameters and the recipe ----------------------------------------------
 
-def sample_params(key, config, view: int) -> dict:
-  """Every random draw of one view's colour augmentation.
+def params_from_draws(config, view: int, apply_u, jitter_u, order_u, sigma_u,
+                      argsort) -> dict:
+  """One view's colour parameters from uniform [0, 1) draws: the recipe's
+  probabilities and ranges in one place, for jnp (sample_params) and for
+  TensorFlow (host_color.sample_color_params) alike.
 
   Args:
-    key: a PRNG key (key(p, v) of the module docstring).
     config: full config or its augment sub-config.
     view: 0 or 1, selects blur_prob[view] and solarize_prob[view].
+    apply_u: [4] draws deciding jitter, grayscale, blur, solarise.
+    jitter_u: 4 scalar draws for brightness, contrast, saturation, hue.
+    order_u: [4] draws whose argsort orders the jitter ops.
+    sigma_u: scalar draw of the blur's std.
+    argsort: jnp.argsort or tf.argsort.
   Returns:
     dict of scalars: jitter, grayscale, blur, solarize (bool: apply the op);
     brightness (additive delta ~ U[-b, b]), contrast and saturation
@@ -172,26 +179,33 @@ def sample_params(key, config, view: int) -> dict:
     contrast, saturation, hue = 0..3), sigma (blur std ~ U[min, max]).
   """
   a = _aug(config)
-  k_apply, k_jitter, k_sigma = jax.random.split(key, 3)
-  u = jax.random.uniform(k_apply, (4,))  # apply: jitter, gray, blur, solar.
-  j = jax.random.split(k_jitter, 5)
-
-  def uniform(k, lo, hi):
-    return jax.random.uniform(k, (), minval=lo, maxval=hi)
-
-  factor = lambda k, m: uniform(k, max(0.0, 1.0 - m), 1.0 + m)
+  span = lambda u, lo, hi: u * (hi - lo) + lo
+  factor = lambda u, m: span(u, max(0.0, 1.0 - m), 1.0 + m)
   return {
-      "jitter": u[0] < a.color_jitter_prob,
-      "grayscale": u[1] < a.grayscale_prob,
-      "blur": u[2] < float(a.blur_prob[view]),
-      "solarize": u[3] < float(a.solarize_prob[view]),
-      "brightness": uniform(j[0], -a.brightness, a.brightness),
-      "contrast": factor(j[1], a.contrast),
-      "saturation": factor(j[2], a.saturation),
-      "hue": uniform(j[3], -a.hue, a.hue),
-      "order": jnp.argsort(jax.random.uniform(j[4], (4,))).astype(jnp.int32),
-      "sigma": uniform(k_sigma, a.blur_sigma_min, a.blur_sigma_max),
+      "jitter": apply_u[0] < a.color_jitter_prob,
+      "grayscale": apply_u[1] < a.grayscale_prob,
+      "blur": apply_u[2] < float(a.blur_prob[view]),
+      "solarize": apply_u[3] < float(a.solarize_prob[view]),
+      "brightness": span(jitter_u[0], -a.brightness, a.brightness),
+      "contrast": factor(jitter_u[1], a.contrast),
+      "saturation": factor(jitter_u[2], a.saturation),
+      "hue": span(jitter_u[3], -a.hue, a.hue),
+      "order": argsort(order_u),
+      "sigma": span(sigma_u, a.blur_sigma_min, a.blur_sigma_max),
   }
+
+
+def sample_params(key, config, view: int) -> dict:
+  """Every random draw of one view's colour augmentation (params_from_draws'
+  dict), from a PRNG key (key(p, v) of the module docstring)."""
+  k_apply, k_jitter, k_sigma = jax.random.split(key, 3)
+  j = jax.random.split(k_jitter, 5)
+  params = params_from_draws(
+      config, view, jax.random.uniform(k_apply, (4,)),
+      [jax.random.uniform(k) for k in j[:4]], jax.random.uniform(j[4], (4,)),
+      jax.random.uniform(k_sigma), jnp.argsort)
+  params["order"] = params["order"].astype(jnp.int32)
+  return params
 
 
 def color_jitter(image, params):

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from odin_jax.data.augment import _aug, _split, _uniform
+from odin_jax.data.augment import _split, _uniform
+from odin_jax.data import color
 from odin_jax.data.color import blur_radius
 
 
@@ -86,36 +87,13 @@ def gaussian_blur(image, sigma, size: int):
 
 
 def sample_color_params(seed, config, view: int) -> dict:
-  """Every random draw of one view's colour augmentation.
-
-  Args:
-    seed: int32/int64 [2] stateless seed.
-    config: full config or its augment sub-config.
-    view: 0 or 1, selects blur_prob[view] and solarize_prob[view].
-  Returns:
-    dict of scalars: jitter, grayscale, blur, solarize (bool: apply the op);
-    brightness (additive delta ~ U[-b, b]), contrast and saturation
-    (factors ~ U[max(0, 1 - c), 1 + c]), hue (delta ~ U[-h, h]), order
-    (int32 [4], a uniform permutation of the jitter ops brightness,
-    contrast, saturation, hue = 0..3), sigma (blur std ~ U[min, max]).
-  """
-  a = _aug(config)
+  """Every random draw of one view's colour augmentation
+  (color.params_from_draws' dict) from a stateless seed int32/int64 [2]."""
   s = _split(seed, 3)
-  u = _uniform(s[0], (4,))     # apply: jitter, grayscale, blur, solarise
   j = _split(s[1], 5)
-  factor = lambda k, m: _uniform(k, (), max(0.0, 1.0 - m), 1.0 + m)
-  return {
-      "jitter": u[0] < a.color_jitter_prob,
-      "grayscale": u[1] < a.grayscale_prob,
-      "blur": u[2] < float(a.blur_prob[view]),
-      "solarize": u[3] < float(a.solarize_prob[view]),
-      "brightness": _uniform(j[0], (), -a.brightness, a.brightness),
-      "contrast": factor(j[1], a.contrast),
-      "saturation": factor(j[2], a.saturation),
-      "hue": _uniform(j[3], (), -a.hue, a.hue),
-      "order": tf.argsort(_uniform(j[4], (4,))),   # int32
-      "sigma": _uniform(s[2], (), a.blur_sigma_min, a.blur_sigma_max),
-  }
+  return color.params_from_draws(
+      config, view, _uniform(s[0], (4,)), [_uniform(k) for k in j[:4]],
+      _uniform(j[4], (4,)), _uniform(s[2]), tf.argsort)
 
 
 def color_jitter(image, params):
