@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import odin
-from odin_jax import checkpoint, config_check, step, train
+from odin_jax import checkpoint, config_check, sharding, step, train
 from odin_jax.data import records, sources
 from odin_jax.discovery import cache
 from odin_jax.models import heads
@@ -92,9 +92,20 @@ def test_refreshed_records_hold_tau_segments_and_resume_is_exact(
                          antialias=True).numpy().clip(0, 1)
   key = jax.random.fold_in(jax.random.fold_in(
       jax.random.fold_in(state.rng, cache._REFRESH_SALT), 1), 0)
-  discover = jax.jit(step.make_discover(config, model))   # one device
-  direct = np.asarray(discover(state.discovery_params, state.batch_stats,
-                               span, key))
+  # Laid out as the refresh lays it out (the training mesh, images split
+  # over 'data'): k-means on one device instead can flip a borderline
+  # pixel's cluster through float rounding alone.
+  mesh = sharding.make_mesh(jax.devices())
+  discover = jax.jit(step.make_discover(config, model),
+                     in_shardings=(None, None, sharding.batch_sharded(mesh),
+                                   None),
+                     out_shardings=sharding.batch_sharded(mesh))
+  rep = sharding.replicated(mesh)
+  direct = np.asarray(discover(
+      jax.device_put(state.discovery_params, rep),
+      jax.device_put(state.batch_stats, rep),
+      sharding.to_global(mesh, {"span": span})["span"],
+      jax.device_put(key, rep)))
   stored = {}
   for i in range(source.num_examples):
     ex = source.lookup(tf.constant(i, tf.int64))
