@@ -36,8 +36,7 @@ import jax.numpy as jnp
 
 # ITU-R 601 luma, as tf.image.rgb_to_grayscale.
 _LUMA = (0.2989, 0.5870, 0.1140)
-# Views and the spanning view cross the host -> device boundary as uint8.
-UINT8_KEYS = ("view1", "view2", "span")
+# Segment maps prepare() widens to int32 (they cross as uint8 / uint16).
 MASK_KEYS = ("mask1", "mask2", "span_mask")
 
 
