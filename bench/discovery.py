@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from odin_jax import numerics  # noqa: E402
-from odin_jax.discovery import kmeans as km  # noqa: E402
+from odin_jax import kmeans as km  # noqa: E402
 
 
 def synthetic_features(rng, batch: int, size: int, dim: int,
@@ -164,7 +164,7 @@ def bench_steps(batch: int, image_size: int, steps: int = 5) -> dict:
                     from the data;
     odin_cached     Odin with odin.tau_update='copy', odin.cached=True: the
                     masks come from records refreshed once per copy period
-                    (discovery/cache.py), so the step is detcon_b_fpn's plus
+                    (methods/odin_cache.py), so the step is detcon_b_fpn's plus
                     the τ ← θ copy; the refresh (τ's forward pass on every
                     image at 2x, + k-means) is timed per image and amortised
                     over odin.copy_every_epochs epochs;
@@ -239,8 +239,8 @@ def _discovery_runners(config) -> dict:
   batch statistics, as in the step) and 'odin k-means' (on those
   projections, L2-normalised)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from odin_jax.models import heads  # pylint: disable=g-import-not-at-top
-  model = heads.from_config(config)
+  from odin_jax.models import network  # pylint: disable=g-import-not-at-top
+  model = network.from_config(config)
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))
@@ -289,8 +289,8 @@ def kmeans_flops(batch: int, points: int, dim: int, clusters: int,
 def _refresh_seconds_per_image(config, batch: int, repeats: int = 5) -> float:
   """Time of the refresh's device part (τ forward at span size + k-means)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from odin_jax.models import heads  # pylint: disable=g-import-not-at-top
-  model = heads.from_config(config)
+  from odin_jax.models import network  # pylint: disable=g-import-not-at-top
+  model = network.from_config(config)
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))

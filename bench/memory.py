@@ -68,7 +68,7 @@ from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
 from odin_jax.data.synthetic import synthetic_batch  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
-from odin_jax.models import heads  # noqa: E402
+from odin_jax.models import network  # noqa: E402
 
 MB = 2**20
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
@@ -91,7 +91,7 @@ def bench_config(args, remat: str, fsdp: bool):
 
 
 def _setup(c):
-  model = heads.from_config(c)
+  model = network.from_config(c)
   lr = step.learning_rate_schedule(c, 1000, 10)
   tx = step.make_optimizer(c, lr)
   mesh = sharding.make_mesh()

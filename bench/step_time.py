@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from configs import byol, detcon_b, detcon_s, simclr  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
 from odin_jax.data import color, synthetic  # noqa: E402
-from odin_jax.models import heads  # noqa: E402
+from odin_jax.models import network  # noqa: E402
 
 
 def bench_config(module, args):
@@ -41,7 +41,7 @@ def make_runner(c):
   """Compiles config c's train step; returns run() -> seconds of one jitted,
   blocked step (the state is carried from step to step), with run.flops the
   step's FLOPs by XLA's cost analysis."""
-  model = heads.from_config(c)
+  model = network.from_config(c)
   lr = step.learning_rate_schedule(c, 1000, 10)
   tx = step.make_optimizer(c, lr)
   mesh = sharding.make_mesh()

@@ -210,7 +210,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   d.copy_every_epochs = 100.0
   d.cached = False               # with 'copy': masks refreshed once per copy
                                  #   period over the dataset and read as
-                                 #   records (discovery/cache.py)
+                                 #   records (methods/odin_cache.py)
   d.image_every_steps = 200      # TensorBoard pictures of the masks
 
   # R2O: k-means over region (superpixel) features of the target network,

@@ -2,7 +2,7 @@
 (Zhang & Maire, NeurIPS 2020; odin_jax/hiergroup.py, docs/hiergroup.md).
 
 A per-pixel 32-d embedding (ResNet res3 + res4 hypercolumn at stride 4,
-models/hiergroup_head.py) is trained so that pixels of regions that merge
+models/hypercolumn.py) is trained so that pixels of regions that merge
 early in a region tree are similar and pixels of regions that merge late
 are not. Trees come with the data (masks.method='hierarchy',
 data/hierarchy.py). No target network, no projector.

@@ -44,10 +44,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from odin_jax import health, hiergroup, losses, numerics, objects, sharding
 from odin_jax.data import color
-from odin_jax.discovery import kmeans as kmeans_lib
-from odin_jax.discovery import mapping
+from odin_jax import kmeans as kmeans_lib
+from odin_jax import span_mapping as mapping
 from odin_jax.models import fpn as fpn_lib
-from odin_jax.models import heads
+from odin_jax.models import network
 from odin_jax.models import resnet
 from odin_jax.models import swin
 from odin_jax.models import vit
@@ -273,7 +273,7 @@ def make_mask_discovery(config, model, discovery_rate=None,
   """
   size = config.image_size
   if config.odin.enabled and config.odin.get("cached", False):
-    return None      # discovered once per period: data (discovery/cache.py)
+    return None      # discovered once per period: data (methods/odin_cache.py)
   if config.odin.enabled:
     if discovery_rate is None:
       raise ValueError("odin.enabled needs discovery_rate "
@@ -416,7 +416,7 @@ def build(config, mesh, num_examples: int) -> Built:
   allocated (the state is only traced, by jax.eval_shape).
   """
   total_steps, warmup_steps = schedule_lengths(config, num_examples)
-  model = heads.from_config(config)
+  model = network.from_config(config)
   lr_schedule = learning_rate_schedule(config, total_steps, warmup_steps)
   ema_schedule = ema_decay_schedule(config, total_steps)
   tx = make_optimizer(config, lr_schedule)

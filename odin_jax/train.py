@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from odin_jax import (checkpoint, config_check, failure, health, hiergroup,
                       objects, profiling, reporting, sharding, step)
 from odin_jax.data import color, pipeline, skips, sources
-from odin_jax.discovery import cache as mask_cache
+from odin_jax.methods import odin_cache as mask_cache
 from odin_jax.evaluate import pictures, report, runner
 from odin_jax.export import weights_in
 

@@ -13,7 +13,7 @@ from scipy import ndimage
 from odin_jax import numerics
 from odin_jax.evaluate import clips
 from odin_jax.evaluate import clustering
-from odin_jax.evaluate import discovery
+from odin_jax.evaluate import abo as discovery
 from odin_jax.evaluate import grids
 from odin_jax.evaluate import instances
 from odin_jax.evaluate import knn

@@ -19,7 +19,7 @@ from configs import detcon_b
 from odin_jax import checkpoint, step
 from odin_jax.evaluate import datasets, features, grids, knn, runner
 from odin_jax.evaluate import settings as settings_lib
-from odin_jax.models import heads
+from odin_jax.models import network
 
 # Small everything: 4 scenes, a 4x4 stage4 grid (96-px test scenes resized
 # to 128, feature 'auto' = stage4), one short clip.
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory):
   on 2 CPU cores; test_train.py covers training.
   """
   config = _config()
-  model = heads.from_config(config)
+  model = network.from_config(config)
   tx = step.make_optimizer(config, step.learning_rate_schedule(config, 2, 0))
   rng = jax.random.PRNGKey(config.seed)
   init = jax.jit(lambda r: step.create_train_state(config, model, tx, r))
@@ -218,7 +218,7 @@ def test_each_evaluation_is_its_modules_run(run_dir):
   """runner.evaluate is a loop over the registry: each module's run(ctx),
   called directly, gives exactly the runner's numbers, and discovery's are
   clustering.kmeans_segmentations' proposals scored by discovery.score."""
-  from odin_jax.evaluate import clustering, discovery, instances
+  from odin_jax.evaluate import abo as discovery, clustering, instances
   config = _config()
   which = ("discovery", "instances", "knn")
   params, batch_stats, _ = features.load_params(config, str(run_dir))

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn import cluster as sklearn_cluster   # the 'test' extra
 
-from odin_jax.discovery import kmeans as km
+from odin_jax import kmeans as km
 
 
 def blobs(rng, batch, n, dim, centres, spread):

@@ -215,8 +215,8 @@ def run_dir(tmp_path_factory):
                         noise.standard_normal(x.shape).astype(np.float32),
                         params)
   from odin_jax import step as step_lib
-  from odin_jax.models import heads
-  model = heads.from_config(config)
+  from odin_jax.models import network
+  model = network.from_config(config)
   state = jax.eval_shape(lambda: step_lib.create_train_state(
       config, model, optax.identity(), jax.random.PRNGKey(0)))
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)

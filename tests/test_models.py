@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from odin_jax.models import heads, resnet
+from odin_jax.models import network, resnet
 
 
 def numpy_conv(x, w, stride, pad):
@@ -156,7 +156,7 @@ def test_batchnorm_momentum_epsilon_and_input_normalisation():
 
 
 def test_object_network_outputs_and_predictor():
-  net = heads.ObjectNetwork(depth=18, width=0.125, projector_hidden=32,
+  net = network.ObjectNetwork(depth=18, width=0.125, projector_hidden=32,
                             projector_dim=16, predictor_hidden=32)
   images = jnp.zeros((2, 80, 80, 3))
   cells = jnp.zeros((2, 3, 3), jnp.int32)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from configs import odin
 from odin_jax import reporting, sharding, step, train
 from odin_jax.data import pipeline, sources
-from odin_jax.models import heads
+from odin_jax.models import network
 
 
 def _config(**odin_fields):
@@ -40,7 +40,7 @@ def _pipeline_batch(config):
 
 
 def _one_step(config, batch, devices):
-  model = heads.from_config(config)
+  model = network.from_config(config)
   lr = step.learning_rate_schedule(config, 100, 10)
   ema = step.ema_decay_schedule(config, 100)
   rate = step.discovery_rate_schedule(config, 10)

@@ -9,8 +9,8 @@ import pytest
 from configs import odin
 from odin_jax import checkpoint, config_check, sharding, step, train
 from odin_jax.data import records, sources
-from odin_jax.discovery import cache
-from odin_jax.models import heads
+from odin_jax.methods import odin_cache as cache
+from odin_jax.models import network
 
 
 # The test demo set holds 28 images (16 scenes + 12 photos): at batch 8 an
@@ -37,7 +37,7 @@ def test_cached_needs_copy_updates():
 
 
 def _restore(workdir, config, number):
-  model = heads.from_config(config)
+  model = network.from_config(config)
   tx = step.make_optimizer(config, lambda count: 0.0)
   state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

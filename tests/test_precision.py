@@ -16,7 +16,7 @@ import numpy as np
 
 from configs import detcon_b, odin
 from odin_jax import sharding, step
-from odin_jax.models import heads
+from odin_jax.models import network
 # The same synthetic batch as test_step's (blocky masks, random views), so
 # the float32 step here reuses that test's compiled program.
 from tests.test_step import _batch  # pylint: disable=g-bad-import-order
@@ -31,7 +31,7 @@ def _step_fn(dtype):
   """
   config = detcon_b.get_config("test")
   config.model.dtype = dtype
-  model = heads.from_config(config)
+  model = network.from_config(config)
   lr = step.learning_rate_schedule(config, 100, 10)
   tx = step.make_optimizer(config, lr)
   state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
@@ -100,7 +100,7 @@ def test_bfloat16_outputs_for_kmeans_and_losses_are_float32():
   """
   config = odin.get_config("test")
   config.model.dtype = "bfloat16"
-  model = heads.from_config(config)
+  model = network.from_config(config)
   s, (h, w) = config.image_size, step.feature_grid(config)
   images = jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32)
   cells = jax.ShapeDtypeStruct((2, h, w), jnp.int32)

@@ -11,8 +11,8 @@ from ml_collections import config_flags
 from configs import r2o
 from odin_jax import config_check, objects, reporting, sharding, step, train
 from odin_jax.data import pipeline, sources, spanning
-from odin_jax.discovery import mapping
-from odin_jax.models import heads
+from odin_jax import span_mapping as mapping
+from odin_jax.models import network
 
 IMAGENET = 1_281_167     # ImageNet-1k train images
 
@@ -160,7 +160,7 @@ def _batch(config):
 
 def test_region_masks_follow_superpixels_and_k():
   config = r2o.get_config("test")
-  model = heads.from_config(config)
+  model = network.from_config(config)
   state = step.create_train_state(
       config, model, step.make_optimizer(config, lambda s: 0.1),
       jax.random.PRNGKey(0))

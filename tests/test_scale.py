@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import detcon_b
 from odin_jax import checkpoint, profiling, reporting, sharding, train
-from odin_jax.models import heads, resnet
+from odin_jax.models import network, resnet
 
 
 def _grad_fn(remat: str, stats, images):
@@ -54,7 +54,7 @@ def test_remat_keeps_parameter_names_and_gradients():
   shapes = {}
   for r in resnet.REMAT_MODES:
     config.model.remat = r
-    model = heads.from_config(config)
+    model = network.from_config(config)
     shapes[r] = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), images, jnp.zeros((2, 3, 3), jnp.int32),
         jnp.zeros((2, 4), jnp.int32), train=False))

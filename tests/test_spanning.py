@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import detcon_b
 from odin_jax import objects
 from odin_jax.data import augment, spanning
-from odin_jax.discovery import mapping
+from odin_jax import span_mapping as mapping
 
 H, W = 96, 80          # non-square source image
 S = 64                 # view size; spanning view 2S = 128

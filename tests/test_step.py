@@ -5,11 +5,11 @@ import pytest
 
 from configs import byol, detcon_b, detcon_s
 from odin_jax import objects, sharding, step
-from odin_jax.models import heads
+from odin_jax.models import network
 
 
 def _setup(config):
-  model = heads.from_config(config)
+  model = network.from_config(config)
   lr = step.learning_rate_schedule(config, 100, 10)
   ema = step.ema_decay_schedule(config, 100)
   tx = step.make_optimizer(config, lr)

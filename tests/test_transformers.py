@@ -9,7 +9,7 @@ from scipy import special
 
 from configs import common, detcon_b, odin
 from odin_jax import config_check, reporting, step, train
-from odin_jax.models import heads, resnet, swin, vit
+from odin_jax.models import network, resnet, swin, vit
 from tests.test_step import _run as run_sharded_steps
 
 
@@ -353,7 +353,7 @@ def test_odin_swin_network_shapes():
   """Odin's FPN sits on the Swin stages like on a ResNet: p2 at stride 4."""
   config = odin.get_config("swin_test")
   config_check.validate(config)
-  model = heads.from_config(config)
+  model = network.from_config(config)
   span = round(config.odin.span_scale * config.image_size)       # 160 px
   assert step.feature_grid(config, span) == (40, 40)
   state = jax.eval_shape(lambda: step.create_train_state(

@@ -23,7 +23,7 @@ from odin_jax import checkpoint, config_check, step, train
 from odin_jax.evaluate import features
 from odin_jax.evaluate import runner
 from odin_jax.export import convert, weights_in, writer
-from odin_jax.models import heads, swin, vit
+from odin_jax.models import network, swin, vit
 
 
 def _random_backbone(config, seed=0) -> dict:
@@ -230,7 +230,7 @@ def test_apply_fills_theta_xi_and_odin_tau(tmp_path):
   flat = _random_backbone(config, seed=3)
   np.savez(tmp_path / "backbone.npz", **flat)
   config.init_from = str(tmp_path / "backbone.npz")
-  model = heads.from_config(config)
+  model = network.from_config(config)
   init = jax.jit(lambda rng: step.create_train_state(
       config, model, optax.identity(), rng))
   rng = jax.random.PRNGKey(0)

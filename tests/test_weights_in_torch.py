@@ -23,7 +23,7 @@ from flax import traverse_util
 from configs import detcon_b
 from odin_jax.evaluate import features
 from odin_jax.export import convert, weights_in
-from odin_jax.models import heads, resnet, vit
+from odin_jax.models import network, resnet, vit
 
 _REQUIRED = os.environ.get("ODIN_JAX_REQUIRE_TORCH") == "1"   # .ci/run's venv
 
@@ -177,7 +177,7 @@ def test_timm_vit_s16(tmp_path):
   _assert_bit_identical(convert.timm_state_dict("vit", params), state_dict)
 
   images = _images(224, seed=1)
-  options = dict(heads.transformer_fields(config)["backbone_options"])
+  options = dict(network.transformer_fields(config)["backbone_options"])
   ours = jax.jit(lambda p, x: vit.ViT(**options).apply(
       {"params": p}, x)["tokens"])(params, images)
   with torch.no_grad():

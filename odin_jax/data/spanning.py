@@ -8,7 +8,7 @@ image (no colour transform, no flip) and resized to span_size x span_size
 network's feature grid segments v0; each view's masks are then obtained on
 device by cropping that segment map to the view's box (expressed relative to
 the spanning box), flipping it when the view was flipped and resizing it with
-nearest neighbour (odin_jax.discovery.mapping.map_segments).
+nearest neighbour (odin_jax.span_mapping.map_segments).
 
 R2O instead clusters the whole un-augmented image (its "raw" view, resized
 to 224 x 224 whatever its aspect): with r2o.cluster_view 'image' the span

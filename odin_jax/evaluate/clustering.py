@@ -1,10 +1,10 @@
 """Proposal generators: k-means and spectral clusterings of feature grids.
 
 What the evaluations run and what the tests check is this one code path.
-Every image and every K is clustered by `odin_jax.discovery.kmeans.kmeans`
+Every image and every K is clustered by `odin_jax.kmeans.kmeans`
 compiled once per (batch, cells, K_max): smaller K run as `num_active`
 (traced), the last batch is padded (`kmeans_label_maps`).
-  * Object discovery (Odin App. A.4, evaluate/discovery.py): k-means of
+  * Object discovery (Odin App. A.4, evaluate/abo.py): k-means of
     L2-normalised features for each K (`kmeans_segmentations`), every
     cluster a proposal.
   * Instance recall (evaluate/instances.py): Ng-Jordan-Weiss spectral
@@ -52,7 +52,7 @@ def kmeans_label_maps(points, ks: Sequence[int], key,
     given (points, ks, key, batch_size, k_max).
   """
   import jax  # Local: the rest of this module is numpy / scipy.
-  from odin_jax.discovery.kmeans import kmeans
+  from odin_jax.kmeans import kmeans
   points = np.asarray(points, np.float32)
   n = len(points)
   batch_size = n if batch_size is None else int(batch_size)

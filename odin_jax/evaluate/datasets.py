@@ -56,7 +56,7 @@ class Scenes:
 
   def gt(self, i: int):
     """(instance masks bool [G, S, S], classes int [G]) of scene i."""
-    from odin_jax.evaluate import discovery
+    from odin_jax.evaluate import abo as discovery
     return discovery.instance_masks_from_maps(self.instances[i],
                                               self.classes[i])
 

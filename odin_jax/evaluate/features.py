@@ -35,9 +35,9 @@ PARAM_KEYS = ("params", "target_params", "discovery_params")
 def _abstract_variables(config):
   """Shapes of {'params', 'batch_stats'} of config's network (no compute)."""
   from odin_jax import step as step_lib
-  from odin_jax.models import heads
+  from odin_jax.models import network
   import optax
-  model = heads.from_config(config)
+  model = network.from_config(config)
   state = jax.eval_shape(
       lambda: step_lib.create_train_state(config, model, optax.identity(),
                                           jax.random.PRNGKey(0)))
@@ -57,9 +57,9 @@ def init_params(config, seed: int | None = None):
   i.e. the initialisation a training run with this config starts from.
   """
   from odin_jax import step as step_lib
-  from odin_jax.models import heads
+  from odin_jax.models import network
   import optax
-  model = heads.from_config(config)
+  model = network.from_config(config)
   seed = config.seed if seed is None else seed
   init = jax.jit(lambda rng: step_lib.create_train_state(
       config, model, optax.identity(), rng))
@@ -191,8 +191,8 @@ def _feature_fn(config, model_json: str, feature: str, image_hw):
   key = (model_json, feature, image_hw)
   if key in _FEATURE_FNS:
     return _FEATURE_FNS[key]
-  from odin_jax.models import heads
-  model = heads.from_config(config)
+  from odin_jax.models import network
+  model = network.from_config(config)
 
   def apply(variables, images):
     x = images.astype(jnp.float32) / 255.0
@@ -230,7 +230,7 @@ class FeatureSource:
     self.image_size = image_size
     self.batch_size = int(batch_size)
     self._config = config
-    # What heads.from_config builds from: model.*, and the hiergroup head.
+    # What network.from_config builds from: model.*, and the hiergroup head.
     self._model_json = json.dumps(
         {k: v for k, v in json.loads(config.to_json()).items()
          if k in ("model", "hiergroup")} | {"loss": config.loss.name},

@@ -24,7 +24,7 @@ Choices the paper leaves open, made here:
     degrees, the K eigenvectors of D^-1/2 W D^-1/2 with the largest
     eigenvalues (= the K smallest of the normalised Laplacian
     I - D^-1/2 W D^-1/2), rows L2-normalised, then k-means
-    (`odin_jax.discovery.kmeans`). One eigendecomposition serves all K.
+    (`odin_jax.kmeans`). One eigendecomposition serves all K.
   * Components are found at feature resolution with 8-connectivity and then
     upsampled (nearest upsampling preserves 8-connectivity), so tiny
     components are not created by the upsampling itself.
@@ -58,7 +58,7 @@ import numpy as np
 
 from odin_jax.evaluate import clustering
 from odin_jax.evaluate import context as context_lib
-from odin_jax.evaluate import discovery
+from odin_jax.evaluate import abo as discovery
 from odin_jax.evaluate import grids
 
 IOU_THRESHOLD = 0.5

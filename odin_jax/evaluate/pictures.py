@@ -22,7 +22,7 @@ import numpy as np
 from odin_jax import checkpoint
 from odin_jax import numerics
 from odin_jax.evaluate import context as context_lib
-from odin_jax.evaluate import discovery
+from odin_jax.evaluate import abo as discovery
 
 # Colour of negative (unlabelled) labels and of ignore_label pixels.
 UNLABELLED = (0, 0, 0)

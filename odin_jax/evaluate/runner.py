@@ -31,7 +31,7 @@ Sources
                 odin_jax/export/weights_in.py), untrained.
 
 Evaluations (each module's docstring gives its protocol):
-  discovery        discovery.py: Odin App. A.4 k-means proposals, ABO / OR
+  discovery        abo.py: Odin App. A.4 k-means proposals, ABO / OR
                    (+ FH / SLIC / grid mask sets as proposals).
   instances        instances.py: spectral-clustering instance recall by
                    same-class co-occurrence (AR over IoU 0.5:0.95, R@0.5).
@@ -86,7 +86,7 @@ __all__ = ["evaluate", "format_table", "make_context", "results_path",
 # name -> the module (odin_jax.evaluate.<module>) whose run(ctx) evaluates
 # it; imported on first use, so an opt-in evaluation costs nothing unless
 # it runs.
-REGISTRY = {"discovery": "discovery", "instances": "instances",
+REGISTRY = {"discovery": "abo", "instances": "instances",
             "video": "video", "linear_probe": "probes", "knn": "knn",
             "pictures": "pictures", "imagenet_linear": "linear"}
 MASK_METHODS = datasets.MASK_METHODS

@@ -111,7 +111,7 @@ def export(workdir: str, *, config=None, step: int | None = None,
     NotImplementedError: a non-ResNet backbone without a timm converter.
   """
   from odin_jax.evaluate import runner
-  from odin_jax.models import heads
+  from odin_jax.models import network
   if config is None:
     # Only the JSON record; `step` stays the caller's, so that load_params
     # below still falls back past a newest step whose arrays are unreadable.
@@ -147,7 +147,7 @@ def export(workdir: str, *, config=None, step: int | None = None,
           "odin_jax.models.resnet.ResNet(output_stride=...).")
   else:
     info["timm"] = {
-        "options": dict(heads.transformer_fields(config).get(
+        "options": dict(network.transformer_fields(config).get(
             "backbone_options", ())),
         "load": f"see odin_jax.models.{backbone}.timm_state_dict's "
                 "docstring: timm.create_model(<matching name>, "

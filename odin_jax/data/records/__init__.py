@@ -11,7 +11,7 @@
   precompute.py  the precompute run (a process pool) and its flags
 
 Writers: the precompute (command lines data/precompute.py and
-data/beam_precompute.py) and Odin's mask cache (discovery/cache.py). Readers:
+data/beam_precompute.py) and Odin's mask cache (methods/odin_cache.py). Readers:
 data/sources.make_source (dataset.records_dir) and the mask cache. The names
 below are the package's interface: `from odin_jax.data import records` then
 `records.RecordSource(...)`, `records.METADATA`, ...

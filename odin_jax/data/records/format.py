@@ -1,7 +1,7 @@
 """What a records directory holds: file names, record features, bytes.
 
 A records directory (written by `python -m odin_jax.data.precompute`, or by
-Odin's mask cache, discovery/cache.py) holds
+Odin's mask cache, methods/odin_cache.py) holds
 
   records-SSSSS-of-NNNNN.array_record  ArrayRecord files (group_size 1, so any
                                        record is one seek away), each record a

@@ -1,7 +1,7 @@
 """Reads a records directory (format.py): `RecordSource`, a sources.Source.
 
 `RecordSource` serves the records to the training pipeline (data/pipeline.py)
-and to Odin's mask cache (discovery/cache.py); its `shard_sizes` let
+and to Odin's mask cache (methods/odin_cache.py); its `shard_sizes` let
 dataset.host_split='shards' give each host its own shard files
 (pipeline.py). Readers open a shard file on its first read, so a host that
 reads only its shards opens only those files. TensorFlow is imported here

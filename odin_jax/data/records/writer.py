@@ -4,7 +4,7 @@ One shard is written by one `ShardWriter` (a temporary file, renamed into
 place when complete); `finalize` writes metadata.json once every shard
 exists. Everything that writes records uses these: the precompute
 (precompute.py, its CLI data/precompute.py and the Beam pipeline
-data/beam_precompute.py) and Odin's mask cache (discovery/cache.py). A shard
+data/beam_precompute.py) and Odin's mask cache (methods/odin_cache.py). A shard
 is done when its records file and its stats file both exist, so a rerun
 skips finished shards and an interrupted run leaves no half shard behind.
 """

@@ -135,8 +135,8 @@ def from_config(config) -> ObjectNetwork:
   """Builds the network described by `config.model`."""
   m = config.model
   if config.loss.name == "hiergroup":   # per-pixel embedding, no projector
-    from odin_jax.models import hiergroup_head  # pylint: disable=g-import-not-at-top
-    return hiergroup_head.from_config(config)
+    from odin_jax.models import hypercolumn  # pylint: disable=g-import-not-at-top
+    return hypercolumn.from_config(config)
   return ObjectNetwork(
       depth=m.depth, width=m.width, projector_hidden=m.projector_hidden,
       projector_dim=m.projector_dim, predictor_hidden=m.predictor_hidden,

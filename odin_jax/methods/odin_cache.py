@@ -78,7 +78,7 @@ class MaskCache:
     """Args:
       config: an Odin config with odin.cached=True.
       workdir: the run's workdir (the records go under odin_masks/).
-      model: the ObjectNetwork (heads.from_config).
+      model: the ObjectNetwork (network.from_config).
       mesh: the training mesh; the refresh batch is sharded over 'data'.
       base_source: the dataset the images come from (sources.make_source).
     """
