@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "array-record>=0.8",
     # torchvision/timm exports as safetensors (no torch needed).
     "safetensors>=0.4",
+    # orbax's CheckpointManager asks google.cloud.storage whether a gs://
+    # workdir's bucket has a hierarchical namespace: without it a gs://
+    # workdir fails to train, evaluate or export (ImportError).
+    "google-cloud-storage>=2.14",
 ]
 
 EXTRAS = {

@@ -206,7 +206,7 @@ def time_records_row(config, mesh, args) -> dict:
                                   config.masks)
     built = step.build(config, mesh, num_examples=source.num_examples)
     state = built.init_state(jax.random.PRNGKey(0))
-    keys = set(step.BATCH_KEYS)
+    keys = set(built.method.batch_keys())
     batches = pipeline.numpy_batches(pipeline.make_train_dataset(
         config, source, global_batch_size=config.batch_size,
         process_index=0, process_count=1))

@@ -3,6 +3,7 @@
   python bench/discovery.py             # 32 images, 56x56 cells, D=128, K=16
   python bench/discovery.py --size=112  # Odin: 448 px spanning view, stride 4
   python bench/discovery.py --skip_kmeans   # only the step-time ratios
+  python bench/discovery.py --smoke     # tiny k-means, `:test` nets: tests
 
 The data imitate the discovery network's output: per image, a random number
 of Voronoi regions on the size x size grid, each with its own direction in
@@ -130,7 +131,7 @@ def bench_kmeans(batch: int = 32, size: int = 56, dim: int = 128,
           "inertia_ratio": inertia_ratio}
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--size", type=int, default=56,
@@ -147,18 +148,33 @@ def main():
   p.add_argument("--step_image_size", type=int, default=96)
   p.add_argument("--step_repeats", type=int, default=5,
                  help="interleaved timed steps per method")
-  args = p.parse_args()
+  p.add_argument("--smoke", action="store_true",
+                 help="2 images of 8x8 cells for k-means; the steps on the "
+                 "`:test` preset (ResNet-18 x0.125, 64 px, batch 8), 1 "
+                 "timed step: the CPU smoke test")
+  args = p.parse_args(argv)
+  preset, width, warmup, refresh_repeats = "demo", 0.5, 2, 5
+  if args.smoke:
+    args.batch, args.size, args.dim, args.clusters = 2, 8, 8, 4
+    args.iters, args.repeats = 3, 1
+    args.step_batch, args.step_image_size, args.step_repeats = 8, 64, 1
+    preset, width, warmup, refresh_repeats = "test", 0.125, 1, 1
   if not args.skip_kmeans:
     bench_kmeans(args.batch, args.size, args.dim, args.clusters, args.iters,
                  args.repeats, args.sklearn_threads or None)
   if not args.skip_steps:
-    bench_steps(args.step_batch, args.step_image_size, args.step_repeats)
+    bench_steps(args.step_batch, args.step_image_size, args.step_repeats,
+                preset=preset, width=width, warmup=warmup,
+                refresh_repeats=refresh_repeats)
 
 
-def bench_steps(batch: int, image_size: int, steps: int = 5) -> dict:
+def bench_steps(batch: int, image_size: int, steps: int = 5, *,
+                preset: str = "demo", width: float = 0.5, warmup: int = 2,
+                refresh_repeats: int = 5) -> dict:
   """Step-time ratios of Odin against DetCon-B, measured in one run.
 
-  All on ResNet-18 x0.5 at the given view size and batch:
+  All on ResNet-18 x`width` (the `preset` config's heads) at the given view
+  size and batch:
     detcon_b        DetCon-B, stage-4 features (the foundation's step);
     detcon_b_fpn    DetCon-B with the FPN and stride-4 'p2' features, masks
                     from the data;
@@ -177,10 +193,11 @@ def bench_steps(batch: int, image_size: int, steps: int = 5) -> dict:
   """
   import step_time  # pylint: disable=g-import-not-at-top
   from configs import detcon_b, odin, r2o  # pylint: disable=g-import-not-at-top
-  args = argparse.Namespace(depth=18, width=0.5, image_size=image_size,
-                            batch=batch, steps=steps, warmup=2)
+  args = argparse.Namespace(depth=18, width=width, image_size=image_size,
+                            batch=batch, steps=steps, warmup=warmup,
+                            preset=preset)
   fpn = step_time.bench_config(detcon_b, args)
-  fpn.model.fpn_channels = odin.get_config("demo").model.fpn_channels
+  fpn.model.fpn_channels = odin.get_config(preset).model.fpn_channels
   fpn.model.feature_stage = "p2"
   configs = {"detcon_b": step_time.bench_config(detcon_b, args),
              "detcon_b_fpn": fpn,
@@ -195,8 +212,9 @@ def bench_steps(batch: int, image_size: int, steps: int = 5) -> dict:
   times = step_time.time_runners(runners, args, reduce=None)
   t = {name: float(np.median(v)) for name, v in times.items()}
   fastest = {name: min(v) for name, v in times.items()}
-  refresh = _refresh_seconds_per_image(cached, batch)
-  print(f"\nstep time, ResNet-18 x0.5, {image_size}px views, batch {batch} "
+  refresh = _refresh_seconds_per_image(cached, batch, refresh_repeats)
+  print(f"\nstep time, ResNet-18 x{width:g}, {image_size}px views, batch "
+        f"{batch} "
         f"({jax.devices()[0].platform} x{jax.device_count()}, {steps} "
         f"interleaved steps, load average {os.getloadavg()[0]:.1f}): median "
         f"(min, the least disturbed by other load)")
@@ -239,8 +257,8 @@ def _discovery_runners(config) -> dict:
   batch statistics, as in the step) and 'odin k-means' (on those
   projections, L2-normalised)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from odin_jax.models import network  # pylint: disable=g-import-not-at-top
-  model = network.from_config(config)
+  from odin_jax.methods import odin as odin_method  # pylint: disable=g-import-not-at-top
+  model = odin_method.Odin(config).network()
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))
@@ -250,9 +268,9 @@ def _discovery_runners(config) -> dict:
   project = jax.jit(lambda p, s, x: model.apply(
       {"params": p, "batch_stats": s}, x, train=True,
       method=model.dense_projection, mutable=["batch_stats"])[0])
-  project = project.lower(state.discovery_params, state.batch_stats,
+  project = project.lower(state.method_state["tau"], state.batch_stats,
                           span).compile()
-  z = project(state.discovery_params, state.batch_stats, span)
+  z = project(state.method_state["tau"], state.batch_stats, span)
   b, h, w, d = z.shape
   z = numerics.l2_normalize(z.reshape(b, h * w, d))
   o = config.odin
@@ -269,7 +287,7 @@ def _discovery_runners(config) -> dict:
     return run
 
   return {"odin tau fwd": timed(project, step_time.compiled_flops(project),
-                                state.discovery_params, state.batch_stats,
+                                state.method_state["tau"], state.batch_stats,
                                 span),
           "odin k-means": timed(cluster, kmeans_flops(
               b, h * w, d, o.num_clusters, o.kmeans_iters), z, key)}
@@ -289,20 +307,20 @@ def kmeans_flops(batch: int, points: int, dim: int, clusters: int,
 def _refresh_seconds_per_image(config, batch: int, repeats: int = 5) -> float:
   """Time of the refresh's device part (τ forward at span size + k-means)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from odin_jax.models import network  # pylint: disable=g-import-not-at-top
-  model = network.from_config(config)
+  from odin_jax.methods import odin as odin_method  # pylint: disable=g-import-not-at-top
+  model = odin_method.Odin(config).network()
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))
   span = jax.random.uniform(jax.random.PRNGKey(1), (batch, side, side, 3))
-  discover = jax.jit(step_lib.make_discover(config, model))
+  discover = jax.jit(odin_method.make_discover(config, model))
   key = jax.random.PRNGKey(2)
-  discover(state.discovery_params, state.batch_stats, span,
+  discover(state.method_state["tau"], state.batch_stats, span,
            key).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    discover(state.discovery_params, state.batch_stats, span,
+    discover(state.method_state["tau"], state.batch_stats, span,
              key).block_until_ready()
     times.append(time.perf_counter() - start)
   return float(np.median(times)) / batch

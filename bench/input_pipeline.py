@@ -31,6 +31,7 @@ from odin_jax.data import host_color  # noqa: E402
 from odin_jax.data import pipeline  # noqa: E402
 from odin_jax.data import records  # noqa: E402
 from odin_jax.data import sources  # noqa: E402
+from odin_jax.data import stream  # noqa: E402
 from odin_jax.data.records import precompute  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def with_host_colour(config, dataset):
 
   def colour(example):
     return host_color.host_color_views(
-        example, pipeline.augment_seed_at(example["index"], seed), config)
+        example, stream.augment_seed_at(example["index"], seed), config)
 
   batch = dataset.element_spec["view1"].shape[0]
   workers = int(config.dataset.num_parallel_calls)

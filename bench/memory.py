@@ -27,6 +27,8 @@ temp memory (even a plain jax.checkpoint MLP gets no saving there), so on
 CPU read remat's effect from 'acts', and measure 'temp' on GPU/TPU.
 """
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
@@ -63,8 +65,7 @@ import importlib  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-# saved_residuals has no public twin (print_saved_residuals only prints).
-from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
+from jax.ad_checkpoint import print_saved_residuals  # noqa: E402
 
 from odin_jax.data.synthetic import synthetic_batch  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
@@ -72,6 +73,35 @@ from odin_jax.models import network  # noqa: E402
 
 MB = 2**20
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
+# One line of print_saved_residuals: 'f32[8,40,40,16] output of cos from ..'
+_RESIDUAL = re.compile(r"^([a-z]+)(\d*)(?:_\w+)?\[([\d,]*)\] (.*)$")
+
+
+def saved_residuals(f, *args) -> list[tuple[tuple[int, ...], int, str]]:
+  """(shape, bytes per element, where from) of each residual f's VJP saves.
+
+  JAX's public API only prints them (jax.ad_checkpoint.print_saved_residuals,
+  one 'dtype[shape] source' line each, traced, not run): the lines are read
+  back here.
+  """
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    print_saved_residuals(f, *args)
+  out = []
+  for line in text.getvalue().splitlines():
+    m = _RESIDUAL.match(line)
+    if not m:
+      raise ValueError(f"unexpected print_saved_residuals line: {line!r}")
+    kind, bits, dims, why = m.groups()
+    if kind == "bool":
+      itemsize = 1
+    elif bits:
+      itemsize = max(1, int(bits) // 8)
+    else:
+      raise ValueError(f"unknown residual dtype in {line!r}")
+    shape = tuple(int(d) for d in dims.split(",") if d)
+    out.append((shape, itemsize, why))
+  return out
 
 
 def bench_config(args, remat: str, fsdp: bool):
@@ -91,20 +121,15 @@ def bench_config(args, remat: str, fsdp: bool):
 
 
 def _setup(c):
-  model = network.from_config(c)
-  lr = step.learning_rate_schedule(c, 1000, 10)
-  tx = step.make_optimizer(c, lr)
+  """The run's own set-up (step.build; 100 steps an epoch) on all devices."""
   mesh = sharding.make_mesh()
-  abstract = jax.eval_shape(
-      lambda rng: step.create_train_state(c, model, tx, rng),
-      jax.random.PRNGKey(0))
-  return model, lr, tx, mesh, abstract
+  return step.build(c, mesh, num_examples=100 * c.batch_size), mesh
 
 
 def state_bytes(c) -> tuple[int, int]:
   """(bytes of the state on one device, number of parameters)."""
-  _, _, _, mesh, abstract = _setup(c)
-  shardings = sharding.state_shardings(c, mesh, abstract)
+  built, _ = _setup(c)
+  abstract, shardings = built.abstract_state, built.state_sharding
   total = 0
   for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
     shard = s.shard_shape(x.shape)
@@ -114,9 +139,10 @@ def state_bytes(c) -> tuple[int, int]:
 
 def activation_bytes(c) -> int:
   """Bytes the online network saves for backward: one view, one device."""
-  model, _, _, mesh, abstract = _setup(c)
+  built, mesh = _setup(c)
+  model, abstract = built.model, built.abstract_state
   b = max(1, c.batch_size // mesh.devices.size)
-  s, (h, w) = c.image_size, step.feature_grid(c)
+  s, (h, w) = c.image_size, network.feature_grid(c)
   images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
   cells = jnp.zeros((b, h, w), jnp.int32)
   ids = jnp.zeros((b, c.num_masks), jnp.int32)
@@ -129,28 +155,21 @@ def activation_bytes(c) -> int:
 
   residuals = saved_residuals(loss, abstract.params, abstract.batch_stats,
                               images)   # traced, not run
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
-             for a, why in residuals if not why.startswith("from the argument"))
+  return sum(int(np.prod(shape)) * itemsize
+             for shape, itemsize, why in residuals
+             if not why.startswith("from the argument"))
 
 
 def compile_step(c):
   """The train step of config c, lowered on abstract inputs and compiled."""
-  model, lr, tx, mesh, abstract = _setup(c)
-  state_sharding = sharding.state_shardings(c, mesh, abstract)
+  built, mesh = _setup(c)
   state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, state_sharding)
+      built.abstract_state, built.state_sharding)
   batch_sharding = sharding.batch_sharded(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
            for k, v in synthetic_batch(c, np.random.default_rng(0)).items()}
-  fn = jax.jit(step.make_train_step(
-      c, model, tx, lr, step.ema_decay_schedule(c, 1000), mesh,
-      discovery_rate=step.discovery_rate_schedule(c, 100),
-      region_clusters=step.region_clusters_schedule(c, 1000)),
-               in_shardings=(state_sharding, batch_sharding),
-               out_shardings=(state_sharding, sharding.replicated(mesh)),
-               donate_argnums=(0,))
-  return fn.lower(state, batch).compile()
+  return built.train_step.lower(state, batch).compile()
 
 
 def xla_memory(compiled) -> dict:

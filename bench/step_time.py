@@ -3,6 +3,7 @@
 Same network, batch and resolution for all four; only the method differs.
   python bench/step_time.py                 # ResNet-18 x0.5, 96 px, batch 32
   python bench/step_time.py --depth=50 --width=1 --image_size=224 --batch=64
+  python bench/step_time.py --smoke         # `:test` nets, 1 step: the tests
 Prints a table; the goal is DetCon-B <= 1.05 x BYOL (paper: +11.6% FLOPs).
 It also prints the on-device colour augmentation's share of DetCon-B's step
 (data/color.py, the step's first act): its FLOPs and its time run alone,
@@ -21,12 +22,12 @@ import numpy as np  # noqa: E402
 from configs import byol, detcon_b, detcon_s, simclr  # noqa: E402
 from odin_jax import sharding, step  # noqa: E402
 from odin_jax.data import color, synthetic  # noqa: E402
-from odin_jax.models import network  # noqa: E402
 
 
 def bench_config(module, args):
-  """module's demo config resized to the benchmark's network and batch."""
-  c = module.get_config("demo")
+  """module's demo config (args.preset's, if set) resized to the benchmark's
+  network and batch."""
+  c = module.get_config(getattr(args, "preset", None) or "demo")
   c.model.depth, c.model.width = args.depth, args.width
   c.image_size, c.batch_size = args.image_size, args.batch
   if args.depth >= 50:   # each method's paper heads (its imagenet preset):
@@ -41,18 +42,10 @@ def make_runner(c):
   """Compiles config c's train step; returns run() -> seconds of one jitted,
   blocked step (the state is carried from step to step), with run.flops the
   step's FLOPs by XLA's cost analysis."""
-  model = network.from_config(c)
-  lr = step.learning_rate_schedule(c, 1000, 10)
-  tx = step.make_optimizer(c, lr)
   mesh = sharding.make_mesh()
-  rep = sharding.replicated(mesh)
-  state = jax.device_put(step.create_train_state(c, model, tx, jax.random.PRNGKey(0)), rep)
-  fn = jax.jit(step.make_train_step(
-      c, model, tx, lr, step.ema_decay_schedule(c, 1000), mesh,
-      discovery_rate=step.discovery_rate_schedule(c, 100),
-      region_clusters=step.region_clusters_schedule(c, 1000)),
-               in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep),
-               donate_argnums=(0,))
+  # The run's own set-up (step.build): 100 steps an epoch for the schedules.
+  built = step.build(c, mesh, num_examples=100 * c.batch_size)
+  state, fn = built.init_state(jax.random.PRNGKey(0)), built.train_step
   batch = sharding.to_global(mesh, synthetic.synthetic_batch(c, np.random.default_rng(0)))
   compiled = fn.lower(state, batch).compile()
   carry = {"state": state}
@@ -131,7 +124,7 @@ def augmentation_share(c, args) -> dict:
           "step_ms": 1000 * times["step"], "colour_ms": 1000 * times["colour"]}
 
 
-def parse_args():
+def parse_args(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--depth", type=int, default=18)
   p.add_argument("--width", type=float, default=0.5)
@@ -139,11 +132,20 @@ def parse_args():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
-  return p.parse_args()
+  p.add_argument("--smoke", action="store_true",
+                 help="the `:test` preset (ResNet-18 x0.125, 80 px, batch 8),"
+                 " 1 warm-up + 1 timed step: the CPU smoke test")
+  args = p.parse_args(argv)
+  args.preset = "demo"
+  if args.smoke:
+    args.preset = "test"
+    args.width, args.image_size, args.batch = 0.125, 80, 8
+    args.steps, args.warmup = 1, 1
+  return args
 
 
-def main():
-  args = parse_args()
+def main(argv=None):
+  args = parse_args(argv)
   methods = {"byol": byol, "detcon_b": detcon_b, "simclr": simclr, "detcon_s": detcon_s}
   runners = {name: make_runner(bench_config(mod, args))
              for name, mod in methods.items()}

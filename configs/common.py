@@ -52,9 +52,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   hl.std_fraction = 0.1          # of the healthy 1/sqrt(D)
   hl.min_rankme = 1.5            # RankMe ~1: one direction for all inputs
   hl.patience = 3                # consecutive logs before warning
-  # TensorBoard 'masks/sampled' (data masks: DetCon, BYOL, SimCLR, cached
-  # Odin): view | masks | the sampled masks, at the first step and every
-  # this many steps; 0 = off. Odin/R2O: odin.image_every_steps instead.
+  # TensorBoard masks pictures, at the first step and every this many
+  # steps; 0 = off. Data masks (DetCon, BYOL, SimCLR, cached Odin):
+  # 'masks/sampled', view | masks | the sampled masks; discovered masks
+  # (Odin, R2O): 'discovery/masks', span | segments | both views' masks.
   c.mask_pictures_every_steps = 5000
   c.max_to_keep = 3
   # Resume from this checkpoint step. None: the newest readable one (an
@@ -198,34 +199,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.ema.enabled = True           # target network ξ = EMA of θ
   c.ema.base_decay = 0.996       # cosine-increased to 1
 
-  # Odin: masks discovered by k-means on a discovery network's own features
-  # (configs/odin.py turns it on). Off: masks come from the data (FH, ...).
-  d = c.odin = ml_collections.ConfigDict()
-  d.enabled = False
-  d.span_scale = 2.0             # spanning view side / view side (448/224)
-  d.num_clusters = 16            # K (Odin Table 6)
-  d.kmeans_iters = 10            # Lloyd iterations after k-means++ seeding
-  d.tau_update = "ema"           # 'ema': τ ← τ + λ_τ(θ - τ) every step;
-  d.ema_rate = 1e-3              #   'copy': τ ← θ every copy_every_epochs
-  d.copy_every_epochs = 100.0
-  d.cached = False               # with 'copy': masks refreshed once per copy
-                                 #   period over the dataset and read as
-                                 #   records (methods/odin_cache.py)
-  d.image_every_steps = 200      # TensorBoard pictures of the masks
-
-  # R2O: k-means over region (superpixel) features of the target network,
-  # with K following the region-to-object curriculum (configs/r2o.py).
-  r = c.r2o = ml_collections.ConfigDict()
-  r.enabled = False
-  r.k_start = 128                # K(e) = k_end + (k_start - k_end)
-  r.k_end = 4                    #        * cos(pi/2 * e / E)
-  r.region_stage = "stage3"      # C4 features of the spanning view
-  r.group_size = 32              # images clustered jointly (per-device batch)
-  r.kmeans_iters = 10
-  # What k-means segments: 'image' = the whole un-augmented image squashed
-  # to odin.span_scale x image_size (R2O's raw view, do_kmeans(raw_image));
-  # 'spanning' = Odin's spanning view of the two crops.
-  r.cluster_view = "image"
+  # A method's own settings are a section that only its config has
+  # (config.odin in configs/odin.py, config.r2o in configs/r2o.py,
+  # config.hiergroup in configs/hiergroup.py); its module in
+  # odin_jax/methods/ checks them.
 
   # Evaluation (python -m odin_jax.evaluate, and every eval.every_steps
   # during training). Every field and its default lives in
@@ -384,7 +361,8 @@ def use_backbone(c: ml_collections.ConfigDict, name: str, preset: str) -> None:
         _VIT_SIZES[name])
     m.feature_stage = "tokens"   # the patch-token grid is the hidden map h
     m.fpn_channels = 0           # one map: no pyramid (Odin App. A.1)
-    c.r2o.region_stage = "tokens"
+    if "r2o" in c:
+      c.r2o.region_stage = "tokens"
     # Odin App. A.3: Adam, lr 3e-4 at batch 2048, weight decay 0.1,
     # β = (0.9, 0.95), 300 epochs. Decoupled decay (AdamW); the lr scales
     # with batch / 256 like every lr here, so it is 3e-4 at 2048.

@@ -13,12 +13,25 @@ The hidden map h is the FPN's stride-4 output 'p2'.
   python -m odin_jax.main --config=configs/odin.py:vit_b8 --workdir=DIR
   python -m odin_jax.main --config=configs/odin.py:swin_t --workdir=DIR
 """
+import ml_collections
+
 from configs import common
 
 
 def get_config(arg=None):
   c = common.base_config("odin")
-  c.odin.enabled = True
+  # Odin's own settings (odin_jax/methods/odin.py checks them).
+  d = c.odin = ml_collections.ConfigDict()
+  d.span_scale = 2.0             # spanning view side / view side (448/224)
+  d.num_clusters = 16            # K (Odin Table 6)
+  d.kmeans_iters = 10            # Lloyd iterations after k-means++ seeding
+  d.tau_update = "ema"           # 'ema': τ ← τ + λ_τ(θ - τ) every step;
+  d.ema_rate = 1e-3              #   'copy': τ ← θ every copy_every_epochs
+  d.copy_every_epochs = 100.0
+  d.cached = False               # with 'copy': masks refreshed once per copy
+                                 #   period over the dataset and read as
+                                 #   records (methods/odin_cache.py)
+  c.mask_pictures_every_steps = 200   # TensorBoard 'discovery/masks'
   c.model.fpn_channels = 256
   c.model.feature_stage = "p2"
   # The data's masks are not used (Odin discovers its own); a 1x1 grid costs
@@ -44,7 +57,7 @@ def get_config(arg=None):
   if c.dataset.name == "demo":     # demo / test presets: a small FPN
     if c.model.fpn_channels:
       c.model.fpn_channels = 64 if c.model.width >= 0.5 else 16
-    c.odin.image_every_steps = 50
+    c.mask_pictures_every_steps = 50
     # Periodic evaluation (~1 min a call on 2 CPU cores, nearly all of it
     # the k-means of the FPN's 64x64 grid; it compiles only once) would push
     # the demo past 5 minutes: --config.eval.every_steps=100 turns it on.

@@ -13,12 +13,29 @@ presence in both views.
   python -m odin_jax.main --config=configs/r2o.py --workdir=DIR
   python -m odin_jax.main --config=configs/r2o.py:demo --workdir=DIR
 """
+import ml_collections
+
 from configs import common
 
 
 def get_config(arg=None):
   c = common.base_config("r2o")
-  c.r2o.enabled = True
+  # R2O's own settings (odin_jax/methods/r2o.py checks them): k-means over
+  # region (superpixel) features of the target network, with K following
+  # the region-to-object curriculum.
+  r = c.r2o = ml_collections.ConfigDict()
+  r.k_start = 128                # K(e) = k_end + (k_start - k_end)
+  r.k_end = 4                    #        * cos(pi/2 * e / E)
+  r.region_stage = "stage3"      # C4 features of the clustered view
+  r.group_size = 32              # images clustered jointly (per-device batch)
+  r.kmeans_iters = 10
+  # What k-means segments: 'image' = the whole un-augmented image squashed
+  # to r2o.span_scale x image_size (R2O's raw view, do_kmeans(raw_image));
+  # 'spanning' = Odin's spanning view of the two crops.
+  r.cluster_view = "image"
+  r.span_scale = 1.0             # clustered view side / view side (R2O: 224
+                                 #   for 224-px views)
+  c.mask_pictures_every_steps = 200   # TensorBoard 'discovery/masks'
   c.loss.name = "mask_byol"
   # R2O's recipe, checked in the paper (papers/r2o_region_to_object.txt,
   # §4 "Optimization", App. A.1 "Pretraining Details"; our text copy lost
@@ -45,15 +62,13 @@ def get_config(arg=None):
   c.optimizer.base_learning_rate = 0.3      # R2O App. A (BYOL's 0.3 × B/256)
   c.masks.method = "slic"                   # the region prior
   c.masks.slic_n_segments = 100
-  c.r2o.cluster_view = "image"   # k-means on the whole image ...
-  c.odin.span_scale = 1.0        # ... at view size (224 for 224-px views)
   c.loss.mask_sampling = "all"   # every cluster present in a view is a row
   c.num_masks = c.r2o.k_start    #   (K <= k_start; raise both together)
   c = common.apply_preset(c, arg)
   if c.dataset.name == "demo":              # demo / test presets
     c.warmup_fraction = 0.0   # keep the presets' warmup_epochs (1 epoch):
                               #   1 % of 4 or 200 steps is 0 or 2 steps
-    c.odin.span_scale = 2.0                 # C4 of 96 px is only 6x6
+    c.r2o.span_scale = 2.0                  # C4 of 96 px is only 6x6
     c.masks.slic_n_segments = 64
     c.r2o.group_size = c.batch_size // 2
     c.eval.every_steps = 0   # as in odin.py's demo: keep it within minutes

@@ -41,7 +41,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 import numpy as np
 
-from odin_jax import config_check, hlo_stats, sharding, step
+from odin_jax import config_check, hlo_stats, methods, sharding, step
 from odin_jax.data import pipeline, sources
 
 GiB = 2**30
@@ -157,9 +157,10 @@ def abstract_batch(config, mesh) -> dict:
       config, source, global_batch_size=config.batch_size, process_index=0,
       process_count=1).element_spec
   batch_sharding = sharding.batch_sharded(mesh)
+  keys = methods.get(config).batch_keys()
   return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype.as_numpy_dtype,
                                   sharding=batch_sharding)
-          for k, v in spec.items() if k in step.BATCH_KEYS}
+          for k, v in spec.items() if k in keys}
 
 
 def compile_step(config, devices):

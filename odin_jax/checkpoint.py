@@ -9,7 +9,8 @@ step is all it takes to resume the data.
 Paths go through etils.epath, the path library orbax itself uses: a URL
 workdir (gs://bucket/run) stays a URL, a local one is made absolute, and
 training, evaluation and export all find the same directory
-(`as_path`, `checkpoint_dir`).
+(`as_path`, `checkpoint_dir`). Whether a checkpoint's config fits the
+run's, and how an older one is read, is config_compat.py's.
 
 Atomicity is orbax's: on a local disk a step is written to
 `<step>.orbax-checkpoint-tmp-<time>` and renamed when complete; on GCS
@@ -31,7 +32,7 @@ evaluate/export) is read or fails; it never falls back.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 from typing import Callable
@@ -42,62 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from odin_jax import numerics
-
-# Fields that may change between a run and its resumption without
-# invalidating the checkpoint (logging, schedules of saving, block mode), and
-# (dotted: one field of a section) the memory/profiling knobs, which change
-# how the same computation is laid out, not what it computes: a run resumed
-# on a bigger slice may turn FSDP or remat off, and may profile other steps.
-_MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "max_to_keep",
-                   "restore_step", "init_from", "block_every_step",
-                   "total_steps", "num_epochs", "eval", "profile", "sharding",
-                   "model.remat", "health", "mask_pictures_every_steps",
-                   "dataset.max_bad_fraction")
-
-# Config translation: checkpoints written before a field existed (or under
-# an older name) are read as if their config held the value that reproduces
-# what the code did then, so that they resume. A field added later is
-# listed with that value; a renamed one with its new name and a function of
-# the old value. Changes here are logged on restore.
-_ADDED_FIELDS = {
-    "warmup_fraction": 0.0,           # warm-up was warmup_epochs only
-    "loss.mask_sampling": "shared",   # both views pooled the same ids
-    "r2o.cluster_view": "spanning",   # R2O clustered the spanning view
-}
-_RENAMED_FIELDS = {
-    # 'this device only' was loss.local_negatives=True.
-    "loss.local_negatives": ("loss.negatives",
-                             lambda v: "device" if v else "global"),
-}
-# Fields whose removal changes nothing a checkpoint holds.
-_REMOVED_FIELDS = ("eval.tfds_image_size",)
-
-
-def translate_config(saved: dict) -> tuple[dict, list[str]]:
-  """An old checkpoint's flat config in today's layout, and what changed.
-
-  Args:
-    saved: the checkpoint's config, flattened ({'loss.negatives': ...}).
-  Returns:
-    (translated flat config, one line per translated field).
-  """
-  out, notes = dict(saved), []
-  for old, (new, convert) in _RENAMED_FIELDS.items():
-    if old in out:
-      value = out.pop(old)
-      if value is not None and new not in saved:
-        out[new] = convert(value)
-        notes.append(f"{old}={value!r} -> {new}={out[new]!r}")
-  for field in _REMOVED_FIELDS:
-    if out.pop(field, None) is not None:
-      notes.append(f"{field} dropped (no longer a setting)")
-  for field, legacy in _ADDED_FIELDS.items():
-    if field not in out:
-      out[field] = legacy
-      notes.append(f"{field} absent: read as {legacy!r}, the behaviour of "
-                   "the code that wrote it")
-  return out, notes
+from odin_jax import config_compat
 
 # Suffixes of step directories training set aside (not step names to orbax,
 # so it neither lists nor garbage-collects them).
@@ -183,8 +129,21 @@ def restore(mngr: ocp.CheckpointManager, state, config,
     meta = _read_item(mngr, s, "meta", ocp.args.JsonRestore())
     # Outside _read_item: a different config is the user's to fix, never a
     # reason to fall back to an older step.
-    _check_compatible(meta, config, directory)
-    return _read_item(mngr, s, "state", ocp.args.StandardRestore(abstract))
+    config_compat.check_compatible(meta, config, directory)
+    if _LEGACY_TAU not in _saved_fields(mngr, s):
+      return _read_item(mngr, s, "state", ocp.args.StandardRestore(abstract))
+    # Written before methods/: Odin's τ was the TrainState field
+    # 'discovery_params'; it is method_state['tau'] now.
+    fields = {f.name: getattr(abstract, f.name)
+              for f in dataclasses.fields(abstract)}
+    fields[_LEGACY_TAU] = fields.pop("method_state").get("tau", {})
+    old = _read_item(mngr, s, "state", ocp.args.StandardRestore(fields))
+    tau = old.pop(_LEGACY_TAU)
+    if tau:
+      logging.info("Step %d of %s holds τ as 'discovery_params' (an older "
+                   "odin_jax): restored as method_state['tau'].", s,
+                   directory)
+    return state.replace(**old, method_state={"tau": tau} if tau else {})
 
   restored, used, unreadable = _first_readable(directory, steps, step, read)
   _set_aside(mngr, unreadable, UNREADABLE_SUFFIX)
@@ -200,9 +159,20 @@ def restore(mngr: ocp.CheckpointManager, state, config,
   return restored
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state, config):
-  """`restore` of the newest readable step (kept for older callers)."""
-  return restore(mngr, state, config)
+# The TrainState field that held Odin's τ before methods/ (method_state
+# ['tau'] since).
+_LEGACY_TAU = "discovery_params"
+
+
+def _saved_fields(mngr, step: int) -> set:
+  """The top-level TrainState fields saved at `step` (empty if unknown)."""
+  try:
+    tree = ocp.PyTreeCheckpointHandler().metadata(
+        epath.Path(mngr.directory) / str(step) / "state")
+  except Exception:  # pylint: disable=broad-except
+    return set()     # the restore itself then says what is wrong
+  tree = getattr(tree, "tree", tree)
+  return set(tree) if isinstance(tree, dict) else set()
 
 
 # --- Evaluation and export: read only -------------------------------------
@@ -386,47 +356,3 @@ def _set_aside_dirs(directory, step: int) -> list:
                 if p.name.startswith(f"{step}.") and
                 p.name.split(".")[1] in (UNREADABLE_SUFFIX[1:],
                                          SUPERSEDED_SUFFIX[1:]))
-
-
-# --- Config compatibility -------------------------------------------------
-
-
-def _check_compatible(meta: dict, config, directory) -> None:
-  saved, notes = translate_config(
-      numerics.flatten_config(json.loads(meta["config"])))
-  now = numerics.flatten_config(json.loads(config.to_json()))
-  if now.get("loss.local_negatives", 0) is None:   # today's placeholder
-    now.pop("loss.local_negatives")
-  diffs = [k for k in sorted(set(saved) | set(now))
-           if not _is_mutable(k) and not _inactive(k, saved, now)
-           and saved.get(k) != now.get(k)]
-  if diffs:
-    shown = ", ".join(f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now "
-                      f"{now.get(k, '(absent)')!r}" for k in diffs[:8])
-    raise ValueError(
-        f"The checkpoint in {directory} was written with a different config "
-        f"(fields {diffs} differ; {shown}). Use a new --workdir for a new "
-        "experiment, or pass the original config to resume (e.g. "
-        f"--config.{diffs[0]}={saved.get(diffs[0])!r}).")
-  if notes:
-    logging.info("Checkpoint in %s written by an older odin_jax; its config "
-                 "was translated: %s.", directory, "; ".join(notes))
-
-
-# A method's section changes nothing while the method is off (in both the
-# checkpoint's config and today's).
-_SWITCHED_SECTIONS = {"odin": "odin.enabled", "r2o": "r2o.enabled"}
-
-
-def _inactive(name: str, saved: dict, now: dict) -> bool:
-  """True if `name` lies in a method section that is off in both configs."""
-  switch = _SWITCHED_SECTIONS.get(name.split(".")[0])
-  return (switch is not None and switch != name
-          and not saved.get(switch) and not now.get(switch))
-
-
-def _is_mutable(name: str) -> bool:
-  """True if `name` or a section containing it is in _MUTABLE_FIELDS."""
-  parts = name.split(".")
-  return any(".".join(parts[:i]) in _MUTABLE_FIELDS
-             for i in range(1, len(parts) + 1))

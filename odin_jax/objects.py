@@ -221,3 +221,8 @@ def pool_features(features: jnp.ndarray, cells: jnp.ndarray, ids: jnp.ndarray):
   total = jnp.einsum("bmn,bnc->bmc", member, features.reshape(b, gh * gw, c))
   count = member.sum(-1, keepdims=True)
   return total / jnp.maximum(count, 1.0)
+
+
+def mean_num_ids(cells: jax.Array) -> jax.Array:
+  """Mean number of distinct ids per image. int [B, h, w] -> float32 []"""
+  return jnp.mean(unique_ids(cells)[1].astype(jnp.float32))

@@ -19,11 +19,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from odin_jax import (checkpoint, config_check, failure, health, hiergroup,
-                      objects, profiling, reporting, sharding, step)
-from odin_jax.data import color, pipeline, skips, sources
-from odin_jax.methods import odin_cache as mask_cache
-from odin_jax.evaluate import pictures, report, runner
+from odin_jax import (checkpoint, config_check, failure, health, profiling,
+                      reporting, sharding, step)
+from odin_jax.data import pipeline, skips, sources
+from odin_jax.evaluate import report, runner
 from odin_jax.export import weights_in
 
 
@@ -113,81 +112,9 @@ def _check_finite(metrics: dict, step_number: int, mngr) -> None:
       "check the input data.")
 
 
-_SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay",
-                     "train/discovery_rate", "train/num_clusters")
-_NUM_PICTURES = 4
-
-
-def _prepared(config, state, batch) -> dict:
-  """The batch as the step sees it: views colour-augmented with the step's
-  own key (data/color.py), so the pictures show what the networks saw."""
-  key = step.step_keys(state, config.grad_accum_steps)["color"]
-  return color.prepare(batch, key, config)
-
-
-def _discovery_preview(config, discover, replicated):
-  """jit(state, batch) -> the masks the step uses, for the first images.
-
-  Outputs are the first _NUM_PICTURES images' span_segments, mask1, mask2
-  and their span, view1, view2 (float, as the step saw them), replicated so
-  that every host can read them (process 0's local batch starts with the
-  same images).
-  """
-  def preview(state, batch):
-    batch = _prepared(config, state, batch)
-    found = discover(state, batch, step.discovery_key(state))
-    found.update({k: batch[k] for k in ("span", "view1", "view2")})
-    return {k: v[:_NUM_PICTURES] for k, v in found.items()}
-  return jax.jit(preview, out_shardings=replicated)
-
-
-def _write_discovery_pictures(writer, number: int, found) -> None:
-  """TensorBoard 'discovery/masks': span | segments | masks in both views."""
-  found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
-  failure.inject("pictures", number)
-  panels = [pictures.training_masks_panel(
-      found["span"][i], found["span_segments"][i], found["view1"][i],
-      found["mask1"][i], found["view2"][i], found["mask2"][i])
-            for i in range(len(found["mask1"]))]
-  writer.write_images(number, {"discovery/masks": np.stack(panels)})
-
-
-def _sampled_masks_preview(config, replicated):
-  """jit(state, batch) -> the data masks and the ids the step samples.
-
-  For data-mask methods (DetCon, BYOL, SimCLR): the first _NUM_PICTURES
-  images of micro-batch 0 (global rows 0, k, 2k, ... with k =
-  grad_accum_steps), their view1, view2 float [N, S, S, 3] as the step saw
-  them, mask1, mask2 int [N, S, S] and ids1, ids2 int [N, M], drawn with
-  the step's own key from the whole micro-batch, as forward_loss draws
-  them. Replicated, like _discovery_preview.
-  """
-  grid, k = step.feature_grid(config), config.grad_accum_steps
-
-  def preview(state, batch):
-    batch = _prepared(config, state, batch)
-    views, masks = [[sharding.strided_split(batch[f"{name}{v}"], k)[0]
-                     for v in (1, 2)] for name in ("view", "mask")]
-    cells = [objects.downsample_segments(m, grid) for m in masks]
-    ids = objects.view_mask_ids(config.loss.mask_sampling,
-                                step.step_keys(state, k)["loss"][0], *cells,
-                                config.num_masks)
-    out = {}
-    for v in range(2):
-      out.update({f"view{v + 1}": views[v], f"mask{v + 1}": masks[v],
-                  f"ids{v + 1}": ids[v]})
-    return {name: x[:_NUM_PICTURES] for name, x in out.items()}
-  return jax.jit(preview, out_shardings=replicated)
-
-
-def _write_sampled_masks_pictures(writer, number: int, found) -> None:
-  """TensorBoard 'masks/sampled': view | masks | sampled masks, 2 views."""
-  found = {k: np.asarray(jax.device_get(v)) for k, v in found.items()}
-  panels = [pictures.sampled_masks_panel(
-      found["view1"][i], found["mask1"][i], found["ids1"][i],
-      found["view2"][i], found["mask2"][i], found["ids2"][i])
-            for i in range(len(found["mask1"]))]
-  writer.write_images(number, {"masks/sampled": np.stack(panels)})
+# Written as this step's value, not a mean over the log interval (with the
+# method's own schedules, method.schedule_metrics).
+_SCHEDULE_METRICS = ("train/learning_rate", "train/ema_decay")
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
@@ -207,7 +134,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   # Model, optimizer, state layout and jitted step: the same set-up that
   # `python -m odin_jax.aot` compiles for a TPU slice (step.build).
   built = step.build(config, mesh, source.num_examples)
-  model = built.model
+  method, model = built.method, built.model
   total_steps, warmup_steps = built.total_steps, built.warmup_steps
   replicated = sharding.replicated(mesh)
   mngr = checkpoint.manager(workdir, config.max_to_keep)
@@ -220,17 +147,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
   preemption = _Preemption(start)   # before the long compile of the step
 
   train_step = built.train_step
-  discover = step.make_mask_discovery(config, model, **built.schedules)
-  preview = (_discovery_preview(config, discover, replicated)
-             if discover is not None else None)
-  image_every = config.odin.image_every_steps
-  # Data-mask methods: the masks and the ids the loss samples from them.
-  mask_pictures_every = config.mask_pictures_every_steps
-  sampled_preview = (
-      _sampled_masks_preview(config, replicated)
-      if discover is None and mask_pictures_every > 0 and
-      config.loss.name != hiergroup.LOSS_NAME   # pixel pairs, no mask ids
-      else None)
+  # The method's TensorBoard masks pictures (data masks and the ids the
+  # loss samples, or the masks it discovers), or None.
+  pictures = method.make_pictures(model, replicated)
+  schedule_metrics = _SCHEDULE_METRICS + method.schedule_metrics
+  batch_keys = method.batch_keys()
 
   writer = reporting.create_writer(workdir)
   if start == 0:
@@ -247,10 +168,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       report.final_report(config, workdir, state, reuse_saved=True)
     return state
 
-  # Cached Odin masks: the records of the current copy period (refreshed
-  # with τ when missing) replace the source; a new period rebuilds the input.
-  cached = (mask_cache.MaskCache(config, workdir, model, mesh, source)
-            if mask_cache.enabled(config) else None)
+  # A method that rebuilds its input (Odin's cached masks: the records of
+  # the current copy period, refreshed with τ when missing, replace the
+  # source; a new period rebuilds the input).
+  cached = method.input_refresh(workdir, model, mesh, source)
 
   def input_batches(first_step: int, state):
     data = source if cached is None else cached.source(state, writer)
@@ -294,7 +215,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       # Written values are means over the steps since the last write, except
       # the schedules (learning rate, EMA decay), which are this step's.
       scalars = interval.result()
-      for k in _SCHEDULE_METRICS:
+      for k in schedule_metrics:
         if k in metrics:
           scalars[k] = metrics[k]
       scalars["train/loss_last_step"] = metrics["train/loss"]
@@ -320,17 +241,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> step.TrainState:
       batch = next(batches)
       skipped.add(batch)   # counts and names the examples it skipped
       device_batch = sharding.to_global(
-          mesh, {k: v for k, v in batch.items() if k in step.BATCH_KEYS})
+          mesh, {k: v for k, v in batch.items() if k in batch_keys})
       # Before the step, which donates the state: the parameters after
       # `number - 1` steps (step 0 = random init).
       periodic_eval(state, number - 1)
-      if preview is not None and (number == start + 1 or
-                                  number % image_every == 0):
-        _write_discovery_pictures(writer, number, preview(state, device_batch))
-      if sampled_preview is not None and (
-          number == start + 1 or number % mask_pictures_every == 0):
-        _write_sampled_masks_pictures(writer, number,
-                                      sampled_preview(state, device_batch))
+      if pictures is not None and (number == start + 1 or
+                                   number % pictures.every == 0):
+        pictures.write(writer, number, pictures.preview(state, device_batch))
       state, metrics = train_step(state, device_batch)
       failure.inject("step", number)
       if pending is not None:

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from configs import detcon_b
 from odin_jax import reporting, train
-from odin_jax.data import pipeline, records, skips, sources
+from odin_jax.data import pipeline, records, skips, sources, stream
+from odin_jax.data import tfds_source
 
 SIZE = 32        # view side of the pipeline tests
 GOOD = 5         # good images in the damaged folder
@@ -99,7 +100,7 @@ def test_batches_are_full_and_the_skips_are_counted_and_named(damaged, caplog):
     assert b["view1"].shape == (BATCH, SIZE, SIZE, 3)
     assert np.isfinite(b["view1"]).all()
     # Independently: the positions whose own example is the truncated file.
-    own = np.array([int(pipeline.example_id_at(p, n, config.seed))
+    own = np.array([int(stream.example_id_at(p, n, config.seed))
                     for p in b["index"]])
     np.testing.assert_array_equal(b["skipped"] > 0, own == bad)
     np.testing.assert_array_equal(b["bad_id"], np.where(own == bad, bad, -1))
@@ -107,7 +108,7 @@ def test_batches_are_full_and_the_skips_are_counted_and_named(damaged, caplog):
     np.testing.assert_array_equal(b["example_id"][own != bad], own[own != bad])
     for p, used, tries in zip(b["index"], b["example_id"], b["skipped"]):
       if tries:   # the first substitute of p that is not the bad file
-        draws = [int(pipeline.substitute_at(p, k, n, config.seed))
+        draws = [int(stream.substitute_at(p, k, n, config.seed))
                  for k in range(1, tries + 1)]
         assert draws[:-1] == [bad] * (tries - 1) and draws[-1] == used
   expected = sum(int((b["skipped"] > 0).sum()) for b in batches)
@@ -248,7 +249,7 @@ def test_corrupt_records_are_skipped(tmp_path_factory, split):
   if split == "shards":   # substitutes come from the host's own shards
     for h in range(2):
       mine = set(np.concatenate([b["example_id"] for b in hosts[h]]).tolist())
-      own = pipeline.host_shards(source, h, 2)
+      own = stream.host_shards(source, h, 2)
       allowed = {int(o) + j for o, s in zip(own.offsets, own.sizes)
                  for j in range(s)}
       assert mine <= allowed
@@ -259,6 +260,7 @@ def test_corrupt_records_are_skipped(tmp_path_factory, split):
     assert ids[bad] in skipped.named[bad] and "record" in skipped.named[bad]
 
 
+@pytest.mark.slow
 def test_training_on_a_damaged_folder_runs_to_the_end(tmp_path):
   """:test preset, dataset.name='folder' with a truncated JPEG."""
   root = _damaged_folder(tmp_path / "photos")
@@ -287,15 +289,16 @@ def test_training_on_a_damaged_folder_runs_to_the_end(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "strict"))
 
 
-def test_corrupt_tfds_example_is_skipped(tmp_path):
-  """A prepared TFDS dataset (ArrayRecord) with one JPEG cut in half."""
+def test_corrupt_tfds_example_is_skipped(photos_data_dir, tmp_path):
+  """A prepared TFDS dataset (ArrayRecord) with one JPEG cut in half: a
+  copy of conftest.py's shared OdinTestPhotos data_dir."""
+  import shutil  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from tests import test_tfds_source as tfds_case  # pylint: disable=g-import-not-at-top
-  builder = tfds_case.OdinTestPhotos(data_dir=str(tmp_path),
-                                     file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, num_shards=2))
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  shutil.copytree(photos_data_dir, tmp_path, dirs_exist_ok=True)
+  builder = tfds.builder(helpers.PHOTOS_NAME, data_dir=str(tmp_path))
+  assert isinstance(builder, helpers.OdinTestPhotos)
   # Record 0 of the first shard file is example id 0 of the data source.
   shard = sorted(p for p in builder.data_path.iterdir()
                  if "train.array_record" in p.name)[0]
@@ -311,10 +314,10 @@ def test_corrupt_tfds_example_is_skipped(tmp_path):
     writer.write(data)
   writer.close()
 
-  config = tfds_case._config(str(tmp_path))   # pylint: disable=protected-access
+  config = helpers.photos_config(str(tmp_path))
   config.masks.method, config.masks.grid_size = "grid", 3
   source = sources.make_source(config)
-  assert isinstance(source, sources.TfdsSource)
+  assert isinstance(source, tfds_source.TfdsSource)
   with pytest.raises(Exception):   # the bare lookup fails ...
     source.lookup(tf.constant(0, tf.int64))["image"].numpy()
   batches = _batches(config, source, 3)   # ... the pipeline skips it
@@ -324,4 +327,5 @@ def test_corrupt_tfds_example_is_skipped(tmp_path):
   skipped = skips.SkippedExamples(source, config)
   for b in batches:
     skipped.add(b)
-  assert "example 0" in skipped.named[0] and tfds_case.NAME in skipped.named[0]
+  assert ("example 0" in skipped.named[0]
+          and helpers.PHOTOS_NAME in skipped.named[0])

@@ -77,12 +77,12 @@ def test_help_lists_every_method_and_preset():
 def test_config_check_names_match_the_registries():
   """config_check keeps pure-Python copies of the valid names (so it runs
   without JAX); they must equal the modules' own registries."""
-  from odin_jax import hiergroup, losses, objects
+  from odin_jax import losses, objects
+  from odin_jax.methods import hiergroup
   from odin_jax.data import masks
   from odin_jax.models import resnet
   assert sorted(config_check.LOSS_NAMES) == sorted(losses.LOSSES)
   assert config_check.HIERGROUP_LOSS == hiergroup.LOSS_NAME
-  assert config_check.HIERGROUP_OBJECTIVES == hiergroup.OBJECTIVES
   assert config_check.MASK_METHODS == masks.METHODS
   assert config_check.MASK_SAMPLING == objects.MASK_SAMPLING
   assert config_check.RESNET_DEPTHS == tuple(sorted(resnet.STAGE_SIZES))

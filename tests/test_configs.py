@@ -102,11 +102,12 @@ def test_unknown_field_on_the_command_line_is_rejected(tmp_path):
 
 def test_odin_and_r2o_paper_defaults():
   o = odin.get_config()
-  assert o.odin.enabled and not o.r2o.enabled
+  assert o.method == "odin" and "odin" in o and "r2o" not in o
   assert (o.odin.num_clusters, o.odin.ema_rate, o.odin.span_scale) == (16, 1e-3, 2.0)
   assert (o.model.fpn_channels, o.model.feature_stage) == (256, "p2")
   r = r2o.get_config()
-  assert r.r2o.enabled and not r.odin.enabled and r.loss.name == "mask_byol"
+  assert r.method == "r2o" and "r2o" in r and "odin" not in r
+  assert r.loss.name == "mask_byol"
   assert (r.r2o.k_start, r.r2o.k_end, r.r2o.region_stage) == (128, 4, "stage3")
   assert (r.masks.method, r.optimizer.base_learning_rate) == ("slic", 0.3)
 

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from configs import detcon_b
-from odin_jax import checkpoint, step
+from odin_jax import step
 from odin_jax.evaluate import datasets, features, grids, knn, runner
 from odin_jax.evaluate import settings as settings_lib
 from odin_jax.models import network
+from tests import helpers
 
 # Small everything: 4 scenes, a 4x4 stage4 grid (96-px test scenes resized
 # to 128, feature 'auto' = stage4), one short clip.
@@ -52,16 +53,10 @@ def run_dir(tmp_path_factory):
   init = jax.jit(lambda r: step.create_train_state(config, model, tx, r))
   options = features._INIT_COMPILER_OPTIONS  # pylint: disable=protected-access
   state = init.lower(rng).compile(compiler_options=options)(rng)
-  noise = np.random.default_rng(0)
-  params = jax.tree.map(
-      lambda x: np.asarray(x) + 0.3 * np.std(x) * noise.standard_normal(
-          x.shape).astype(np.float32), state.params)
-  state = state.replace(step=jnp.asarray(2, jnp.int32), params=params)
+  state = state.replace(step=jnp.asarray(2, jnp.int32),
+                        params=helpers.perturbed(state.params))
   workdir = tmp_path_factory.mktemp("run")
-  mngr = checkpoint.manager(str(workdir), config.max_to_keep)
-  checkpoint.save(mngr, state, config)
-  mngr.wait_until_finished()
-  mngr.close()
+  helpers.write_checkpoint(workdir, state, config)
   return workdir
 
 
@@ -71,6 +66,7 @@ def _in_unit_interval(metrics: dict) -> None:
     assert math.isfinite(value) and 0.0 <= value <= 1.0, (name, value)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(run_dir, tmp_path):
   """One command: every evaluation, JSON + PNG + table, finite metrics;
   TFDS datasets that are not prepared are skipped with a message."""
@@ -291,7 +287,9 @@ def test_load_params_errors(run_dir, tmp_path):
   wider.model.width = 0.25
   with pytest.raises(ValueError, match="do not fit the network"):
     features.load_params(wider, str(run_dir))
-  with pytest.raises(ValueError, match="has no 'discovery_params'"):
+  with pytest.raises(ValueError, match="has no 'tau'"):
+    features.load_params(config, str(run_dir), params_key="tau")
+  with pytest.raises(ValueError, match="has no 'tau'"):   # τ's older name
     features.load_params(config, str(run_dir), params_key="discovery_params")
   target, _, _ = features.load_params(config, str(run_dir),
                                     params_key="target_params")
@@ -322,15 +320,15 @@ def test_settings_and_helpers():
   paper = detcon_b.get_config()
   assert features.default_feature(paper) == "stage4"
   assert paper.eval.image_size == 1024
-  assert step.feature_grid(paper, 1024) == (32, 32)
+  assert network.feature_grid(paper, 1024) == (32, 32)
   odin_paper = odin.get_config()
   assert features.default_feature(odin_paper) == "projection"
-  assert step.feature_grid(odin_paper, odin_paper.eval.image_size) == (
+  assert network.feature_grid(odin_paper, odin_paper.eval.image_size) == (
       256, 256)
   assert features.default_feature(detcon_b.get_config("swin_t")) == "stage4"
   vit = detcon_b.get_config("vit_b8")
   assert features.default_feature(vit) == "tokens"
-  assert step.feature_grid(vit, vit.eval.image_size) == (56, 56)
+  assert network.feature_grid(vit, vit.eval.image_size) == (56, 56)
   demo = detcon_b.get_config("demo")
   assert demo.eval.image_size == 256
   # The demo's scenes are too small for stride 32 at 256 px (8x8 cells):
@@ -383,6 +381,7 @@ def test_coco_panoptic_instances():
                                                        80, 0)))
 
 
+@pytest.mark.slow
 def test_periodic_eval_during_training(tmp_path, monkeypatch):
   """Periodic evaluations run before the first step and every every_steps;
   the second one compiles nothing (the first call's programs are reused)."""

@@ -24,7 +24,7 @@ from odin_jax.evaluate import datasets
 from odin_jax.evaluate import folder as folder_lib
 from odin_jax.evaluate import runner
 from odin_jax.evaluate import settings as settings_lib
-from tests.test_tfds_eval import _central_square, run_eval_cli  # pylint: disable=g-bad-import-order
+from tests.helpers import central_square, run_eval_cli  # pylint: disable=g-bad-import-order
 
 SIZE = 64   # eval.image_size in these tests
 # (relative image path, (H, W), mask PIL mode, raw object ids).
@@ -106,7 +106,7 @@ def test_ground_truth_is_the_png_ids_cropped(folder):
     for g, raw_id in enumerate(sorted(ids), start=1):
       want[raw == raw_id] = g
     np.testing.assert_array_equal(scenes.instances[i],
-                                  _central_square(want, SIZE), err_msg=rel)
+                                  central_square(want, SIZE), err_msg=rel)
     np.testing.assert_array_equal(scenes.classes[i],
                                   scenes.instances[i] > 0, err_msg=rel)
     image = np.array(Image.open(os.path.join(folder, "images", rel))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import detcon_b
-from odin_jax import health, sharding, step
+from odin_jax import health, sharding
 
 
 def _np_projection_std(z):
@@ -74,15 +74,10 @@ def _collapse(params):
 @pytest.fixture(scope="module")
 def detcon_step():
   """The DetCon-B :test step on 4 devices, its state and a batch."""
-  from tests.test_step import _batch, _setup
+  from tests import helpers
   config = detcon_b.get_config("test")
-  model, tx, lr, ema, state = _setup(config)
-  mesh = sharding.make_mesh(jax.devices())
-  rep = sharding.replicated(mesh)
-  fn = jax.jit(step.make_train_step(config, model, tx, lr, ema, mesh),
-               in_shardings=(rep, sharding.batch_sharded(mesh)),
-               out_shardings=(rep, rep))
-  batch = sharding.to_global(mesh, _batch(config))
+  fn, state, mesh, rep = helpers.jit_train_step(config, jax.devices())
+  batch = sharding.to_global(mesh, helpers.synthetic_batch(config))
   return config, fn, jax.device_get(state), batch, rep
 
 
@@ -139,6 +134,7 @@ def test_detector_needs_consecutive_collapsed_logs():
           enumerate([bad, good, bad, good, bad, bad])] == [False] * 5 + [True]
 
 
+@pytest.mark.slow
 def test_training_logs_health_timing_and_warns(tmp_path, caplog):
   """The loop writes health/* and the eval/checkpoint seconds, and feeds
   the detector (thresholds from config.health: here any RankMe trips it)."""

@@ -22,11 +22,11 @@ from skimage import data as skdata
 from skimage import transform
 
 from configs import hiergroup as hiergroup_config
-from odin_jax import config_check, hiergroup, reporting, step, train
+from odin_jax import config_check, methods, reporting, step, train
+from odin_jax import grouping_loss as hiergroup
 from odin_jax.data import hierarchy, pipeline, records, sources
 from odin_jax.data.records import precompute
 from odin_jax.evaluate import runner
-from odin_jax.models import network
 
 
 # ------------------------------------------------------------ region trees --
@@ -328,7 +328,7 @@ def test_paper_objective_config_uses_t1():
   config = hiergroup_config.get_config("test")
   config.hiergroup.objective = "paper"
   config_check.validate(config)
-  model = network.from_config(config)
+  model = methods.get(config).network()
   bsz, size = 2, 80
   rng = np.random.default_rng(0)
   views = jnp.asarray(rng.random((2, bsz, size, size, 3)), jnp.float32)
@@ -345,7 +345,7 @@ def test_paper_objective_config_uses_t1():
   def value(objective, temperature):
     config.hiergroup.objective = objective
     config.loss.temperature = temperature
-    fn = hiergroup.make_forward_loss(config, model)
+    fn = methods.get(config).make_forward_loss(model, None)
     return float(fn(variables["params"], variables["batch_stats"], None,
                     batch, key)[0])
 
@@ -420,7 +420,7 @@ def test_piecewise_schedule_and_adam():
 
 def test_network_shapes_and_eval_feature():
   config = hiergroup_config.get_config("test")
-  model = network.from_config(config)
+  model = methods.get(config).network()
   images = jnp.zeros((2, 80, 80, 3))
   # Shapes only (eval_shape): nothing is computed.
   variables = jax.eval_shape(

@@ -1,8 +1,9 @@
-"""BYOL's linear evaluation (evaluate/linear.py): the classifier's training
-and top-k against independent computations, the crops, and the
-`--evals=imagenet_linear` command on a small TFDS classification dataset
-written here offline (six colour/stripe classes, JPEG, 'train' and
-'validation' splits, like imagenet2012's), evaluating a `:test` checkpoint.
+"""BYOL's linear evaluation (evaluate/linear.py, linear_data.py): the
+classifier's training and top-k against independent computations, the
+crops, and the `--evals=imagenet_linear` command on a small TFDS
+classification dataset written here offline (six colour/stripe classes,
+JPEG, 'train' and 'validation' splits, like imagenet2012's), evaluating a
+`:test` checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import subprocess
 import sys
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,13 +24,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import detcon_b
-from odin_jax import checkpoint
 from odin_jax.evaluate import context
 from odin_jax.evaluate import features
 from odin_jax.evaluate import linear
+from odin_jax.evaluate import linear_data
 from odin_jax.evaluate import settings as settings_lib
+from tests import helpers
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "odin_linear_shapes"
 NUM_CLASSES = 6
 SHAPES = ((72, 96), (96, 72), (80, 80))
@@ -48,17 +49,11 @@ def _image(label: int, index: int, rng) -> np.ndarray:
   return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-class OdinLinearShapes(tfds.core.GeneratorBasedBuilder):
+class OdinLinearShapes(helpers.OfflineCodePath,
+                       tfds.core.GeneratorBasedBuilder):
   """Six classes of striped colour images, 36 train / 18 validation."""
 
   VERSION = tfds.core.Version("1.0.0")
-
-  # As tests/test_tfds_source.py: TFDS 4.9.10 looks a dotted module's code
-  # up through `importlib_resources`, not installed here.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(__file__)
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -82,8 +77,7 @@ class OdinLinearShapes(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tfds"))
-  OdinLinearShapes(data_dir=root).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  helpers.prepare_offline(OdinLinearShapes(data_dir=root))
   return root
 
 
@@ -184,18 +178,18 @@ def test_center_view_takes_the_central_0875_square():
   image = np.zeros((72, 96, 3), np.uint8)
   image[...] = (200, 20, 20)
   image[5:68, 17:80] = (20, 90, 210)
-  view = linear.center_view(tf.constant(image), 64, 0.875).numpy()
+  view = linear_data.center_view(tf.constant(image), 64, 0.875).numpy()
   assert view.shape == (64, 64, 3) and view.dtype == np.uint8
   assert np.abs(view.astype(int) - (20, 90, 210)).max() <= 1
   # One pixel more on any side and the border colour bleeds in.
-  wide = linear.center_view(tf.constant(image), 64, 0.9).numpy()
+  wide = linear_data.center_view(tf.constant(image), 64, 0.9).numpy()
   assert np.abs(wide.astype(int) - (20, 90, 210)).max() > 20
 
 
 def test_train_view_is_a_pure_function_of_its_seed():
   image = tf.constant(_image(2, 0, np.random.default_rng(0)))
-  views = [linear.train_view(image, tf.constant([0, i], tf.int64), 32).numpy()
-           for i in (0, 0, 1)]
+  views = [linear_data.train_view(image, tf.constant([0, i], tf.int64),
+                                 32).numpy() for i in (0, 0, 1)]
   assert views[0].shape == (32, 32, 3) and views[0].dtype == np.uint8
   np.testing.assert_array_equal(views[0], views[1])
   assert np.abs(views[0].astype(int) - views[2]).mean() > 1
@@ -210,10 +204,7 @@ def run_dir(tmp_path_factory):
   perturbed: tests/test_evaluate.py's recipe, without its optimizer)."""
   config = detcon_b.get_config("test")
   params, batch_stats = features.init_params(config)
-  noise = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.3 * np.std(x) *
-                        noise.standard_normal(x.shape).astype(np.float32),
-                        params)
+  params = helpers.perturbed(params)
   from odin_jax import step as step_lib
   from odin_jax.models import network
   model = network.from_config(config)
@@ -223,13 +214,11 @@ def run_dir(tmp_path_factory):
   state = state.replace(step=np.asarray(2, np.int32), params=params,
                         target_params=params, batch_stats=batch_stats)
   workdir = tmp_path_factory.mktemp("run")
-  mngr = checkpoint.manager(str(workdir), config.max_to_keep)
-  checkpoint.save(mngr, state, config)
-  mngr.wait_until_finished()
-  mngr.close()
+  helpers.write_checkpoint(workdir, state, config)
   return workdir
 
 
+@pytest.mark.slow
 def test_cli_linear_evaluation(data_dir, run_dir):
   proc = subprocess.run(
       [sys.executable, "-m", "odin_jax.evaluate",

@@ -130,6 +130,7 @@ def _line_count(path) -> int:
     return sum(1 for _ in f)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_preemption(tmp_path):
   config = _config()
   seconds = {"start": time.time()}
@@ -184,7 +185,7 @@ def test_two_processes_match_one_and_resume_after_preemption(tmp_path):
   # another batch would show at the percent level).
   mngr = checkpoint.manager(str(workdir), config.max_to_keep)
   assert mngr.latest_step() == STEPS
-  final = checkpoint.restore_latest(mngr, reference, config)
+  final = checkpoint.restore(mngr, reference, config)
   ref_leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(reference))
   got_leaves = jax.tree.leaves(jax.device_get(final))
   assert len(ref_leaves) == len(got_leaves)

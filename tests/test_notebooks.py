@@ -73,6 +73,7 @@ def notebook_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("notebooks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, notebook_dir):
   nb = nbformat.read(path, as_version=4)

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from configs import odin
-from odin_jax import reporting, sharding, step, train
+from odin_jax import methods, reporting, sharding, step, train
 from odin_jax.data import pipeline, sources
-from odin_jax.models import network
+from odin_jax.methods import odin as odin_method
 
 
 def _config(**odin_fields):
@@ -18,10 +18,10 @@ def _config(**odin_fields):
   return config
 
 
-def test_discovery_rate_schedules():
-  ema = step.discovery_rate_schedule(_config(ema_rate=1e-3), 10)
+def test_tau_rate_schedules():
+  ema = odin_method.tau_rate_schedule(_config(ema_rate=1e-3), 10)
   np.testing.assert_allclose([float(ema(s)) for s in (0, 5, 99)], [1e-3] * 3)
-  copy = step.discovery_rate_schedule(
+  copy = odin_method.tau_rate_schedule(
       _config(tau_update="copy", copy_every_epochs=0.5), 10)   # every 5 steps
   rates = [float(copy(s)) for s in range(12)]
   # τ ← θ after steps 5 and 10 (state.step 4 and 9 are being taken).
@@ -36,20 +36,21 @@ def _pipeline_batch(config):
   for key in ("span", "box1", "box2", "flip1", "flip2"):
     assert key in batch, key
   assert batch["span"].shape[1] == 2 * config.image_size
-  return {k: v for k, v in batch.items() if k in step.BATCH_KEYS}
+  keys = methods.get(config).batch_keys()
+  return {k: v for k, v in batch.items() if k in keys}
 
 
 def _one_step(config, batch, devices):
-  model = network.from_config(config)
+  method = methods.get(config, total_steps=100, steps_per_epoch=10)
+  model = method.network()
   lr = step.learning_rate_schedule(config, 100, 10)
   ema = step.ema_decay_schedule(config, 100)
-  rate = step.discovery_rate_schedule(config, 10)
   tx = step.make_optimizer(config, lambda count: 0.1)   # no warm-up: moves
   state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh(devices)
   rep = sharding.replicated(mesh)
   fn = jax.jit(step.make_train_step(config, model, tx, lr, ema, mesh,
-                                    discovery_rate=rate),
+                                    method),
                in_shardings=(rep, sharding.batch_sharded(mesh)),
                out_shardings=(rep, rep))
   state = jax.device_put(state, rep)
@@ -63,11 +64,11 @@ def test_step_discovers_masks_and_moves_tau(update, rate):
   config = _config(tau_update=update, ema_rate=rate, copy_every_epochs=0.1)
   batch = _pipeline_batch(config)
   old, new, metrics = _one_step(config, batch, jax.devices()[:1])
-  assert metrics["train/discovery_rate"] == rate
+  assert metrics["train/tau_rate"] == rate
   # More than one segment per spanning view: the masks are not trivial.
   assert 1.5 < metrics["train/discovered_segments"] <= config.odin.num_clusters
-  for t0, t1, p1 in zip(jax.tree.leaves(old.discovery_params),
-                        jax.tree.leaves(new.discovery_params),
+  for t0, t1, p1 in zip(jax.tree.leaves(old.method_state["tau"]),
+                        jax.tree.leaves(new.method_state["tau"]),
                         jax.tree.leaves(new.params)):
     np.testing.assert_allclose(t1, t0 + rate * (p1 - t0), rtol=1e-5,
                                atol=1e-7)
@@ -101,7 +102,8 @@ def _image_tags(workdir):
 
 
 def test_odin_trains_end_to_end_and_logs_pictures(tmp_path):
-  config = _config(image_every_steps=2)
+  config = _config()
+  config.mask_pictures_every_steps = 2
   config.total_steps = 3
   config.log_every_steps = 1
   state = train.train_and_evaluate(config, str(tmp_path))

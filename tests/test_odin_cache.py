@@ -9,8 +9,9 @@ import pytest
 from configs import odin
 from odin_jax import checkpoint, config_check, sharding, step, train
 from odin_jax.data import records, sources
+from odin_jax import methods
+from odin_jax.methods import odin as odin_method
 from odin_jax.methods import odin_cache as cache
-from odin_jax.models import network
 
 
 # The test demo set holds 28 images (16 scenes + 12 photos): at batch 8 an
@@ -37,7 +38,7 @@ def test_cached_needs_copy_updates():
 
 
 def _restore(workdir, config, number):
-  model = network.from_config(config)
+  model = methods.get(config).network()
   tx = step.make_optimizer(config, lambda count: 0.0)
   state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -79,7 +80,7 @@ def test_refreshed_records_hold_tau_segments_and_resume_is_exact(
   # checkpoint), computed here directly with the discovery function on the
   # same images.
   model, state = _restore(full_dir, config, PERIOD)
-  for tau, theta in zip(jax.tree.leaves(state.discovery_params),
+  for tau, theta in zip(jax.tree.leaves(state.method_state["tau"]),
                         jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(tau, theta)
   source = records.RecordSource(period1, ["odin"])
@@ -96,13 +97,13 @@ def test_refreshed_records_hold_tau_segments_and_resume_is_exact(
   # over 'data'): k-means on one device instead can flip a borderline
   # pixel's cluster through float rounding alone.
   mesh = sharding.make_mesh(jax.devices())
-  discover = jax.jit(step.make_discover(config, model),
+  discover = jax.jit(odin_method.make_discover(config, model),
                      in_shardings=(None, None, sharding.batch_sharded(mesh),
                                    None),
                      out_shardings=sharding.batch_sharded(mesh))
   rep = sharding.replicated(mesh)
   direct = np.asarray(discover(
-      jax.device_put(state.discovery_params, rep),
+      jax.device_put(state.method_state["tau"], rep),
       jax.device_put(state.batch_stats, rep),
       sharding.to_global(mesh, {"span": span})["span"],
       jax.device_put(key, rep)))

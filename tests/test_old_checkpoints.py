@@ -3,7 +3,7 @@
 The fixtures (tests/fixtures/old_checkpoints, README there) are DetCon-B and
 Odin `:test` runs at step 2 written by commit 65332c5, whose config lacks
 fields added since (loss.mask_sampling, loss.negatives, ...) and holds one
-renamed since (loss.local_negatives). checkpoint.translate_config reads them
+renamed since (loss.local_negatives). config_compat.translate_config reads them
 as the behaviour of the code that wrote them.
 """
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import detcon_b, odin
-from odin_jax import checkpoint, reporting, train
+from odin_jax import checkpoint, config_compat, reporting, train
 
 FIXTURES = "tests/fixtures/old_checkpoints"
 
@@ -22,16 +22,33 @@ FIXTURES = "tests/fixtures/old_checkpoints"
 def test_translation_of_an_old_config():
   old = {"loss.local_negatives": True, "eval.tfds_image_size": 256,
          "loss.name": "detcon"}
-  new, notes = checkpoint.translate_config(old)
+  new, notes = config_compat.translate_config(old)
   assert new == {"loss.negatives": "device", "loss.name": "detcon",
-                 "loss.mask_sampling": "shared", "warmup_fraction": 0.0,
-                 "r2o.cluster_view": "spanning"}
-  assert len(notes) == 5 and "loss.local_negatives=True" in notes[0]
+                 "loss.mask_sampling": "shared", "warmup_fraction": 0.0}
+  assert len(notes) == 4 and "loss.local_negatives=True" in notes[0]
+  # Method sections were switched by '<section>.enabled' in every config;
+  # config.method selects the method now and only its config has them.
+  odin_then = {"method": "odin", "odin.enabled": True, "odin.num_clusters": 16,
+               "odin.image_every_steps": 200, "r2o.enabled": False,
+               "r2o.k_start": 128, "warmup_fraction": 0.0,
+               "loss.mask_sampling": "shared"}
+  new, notes = config_compat.translate_config(odin_then)
+  assert new == {"method": "odin", "odin.num_clusters": 16,
+                 "warmup_fraction": 0.0, "loss.mask_sampling": "shared"}
+  assert len(notes) == 3, notes
+  r2o_then = {"method": "r2o", "odin.enabled": False, "odin.span_scale": 1.0,
+              "odin.num_clusters": 16, "r2o.enabled": True,
+              "r2o.k_start": 128, "warmup_fraction": 0.01,
+              "loss.mask_sampling": "all"}
+  new, _ = config_compat.translate_config(r2o_then)
+  assert new == {"method": "r2o", "r2o.k_start": 128, "r2o.span_scale": 1.0,
+                 "r2o.cluster_view": "spanning", "warmup_fraction": 0.01,
+                 "loss.mask_sampling": "all"}
   # Today's checkpoints hold every field: nothing to translate.
   now = {"loss.local_negatives": None, "loss.negatives": "global",
          "loss.mask_sampling": "per_view", "warmup_fraction": 0.01,
          "r2o.cluster_view": "image"}
-  assert checkpoint.translate_config(now) == (
+  assert config_compat.translate_config(now) == (
       {k: v for k, v in now.items() if k != "loss.local_negatives"}, [])
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from configs import detcon_b
 from odin_jax.data import pipeline
 from odin_jax.data import sources
+from odin_jax.data import stream
 
 N = 12        # examples in the synthetic source
 SIZE = 32     # view side
@@ -108,11 +109,11 @@ def test_each_epoch_is_a_fresh_permutation():
   assert not np.array_equal(epochs[0], epochs[1])
   assert not np.array_equal(epochs[0], np.arange(N))   # actually shuffled
   # Another seed, another order.
-  # The ids are the pure function pipeline.example_id_at(position) ...
+  # The ids are the pure function stream.example_id_at(position) ...
   np.testing.assert_array_equal(
-      [pipeline.example_id_at(p, N, 3).numpy() for p in range(N)], epochs[0])
+      [stream.example_id_at(p, N, 3).numpy() for p in range(N)], epochs[0])
   # ... and another seed gives another order.
-  other = [pipeline.example_id_at(p, N, 2).numpy() for p in range(N)]
+  other = [stream.example_id_at(p, N, 2).numpy() for p in range(N)]
   assert sorted(other) == list(range(N)) and list(other) != list(epochs[0])
 
 
@@ -203,11 +204,11 @@ def test_shards_order_is_a_pure_function_of_seed_and_host_position():
     for want, got in zip(full[5:], resumed):
       for k in want:
         np.testing.assert_array_equal(want[k], got[k])
-    # pipeline.example_id_at(q, N_h, seed, host) + local_to_global_id.
-    plan = pipeline.host_shards(_SHARDED(), h, 2)
+    # stream.example_id_at(q, N_h, seed, host) + local_to_global_id.
+    plan = stream.host_shards(_SHARDED(), h, 2)
     assert plan.shards == tuple(range(h, 4, 2))
     assert plan.num_examples == len(OWNED[h])
-    want = [pipeline.local_to_global_id(pipeline.example_id_at(
+    want = [stream.local_to_global_id(stream.example_id_at(
         q, plan.num_examples, 3, host=h), plan).numpy() for q in range(16)]
     np.testing.assert_array_equal(_ids(full), want)
   # One host holding every shard reads a permutation of all of it.

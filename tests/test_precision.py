@@ -13,35 +13,27 @@ several percent, or NaN).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import detcon_b, odin
-from odin_jax import sharding, step
+from odin_jax import sharding
 from odin_jax.models import network
-# The same synthetic batch as test_step's (blocky masks, random views), so
-# the float32 step here reuses that test's compiled program.
-from tests.test_step import _batch  # pylint: disable=g-bad-import-order
+# The same train step set-up and synthetic batch (blocky masks, random
+# views) as test_step's, so the float32 step here reuses that test's
+# compiled program.
+from tests.helpers import jit_train_step, synthetic_batch  # pylint: disable=g-bad-import-order
 
 
 def _step_fn(dtype):
   """(initial state, jitted train step, config) of detcon_b :test in dtype.
 
-  One device. Built exactly as test_step.py builds its one-device step, so
+  One device. Built by helpers.jit_train_step, as test_step.py's steps, so
   the float32 step is the same program and comes from the XLA cache when
   the whole suite runs (compiling is most of this test's time).
   """
   config = detcon_b.get_config("test")
   config.model.dtype = dtype
-  model = network.from_config(config)
-  lr = step.learning_rate_schedule(config, 100, 10)
-  tx = step.make_optimizer(config, lr)
-  state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  rep = sharding.replicated(mesh)
-  fn = jax.jit(step.make_train_step(config, model, tx, lr,
-                                    step.ema_decay_schedule(config, 100),
-                                    mesh),
-               in_shardings=(rep, sharding.batch_sharded(mesh)),
-               out_shardings=(rep, rep))
+  fn, state, mesh, rep = jit_train_step(config, jax.devices()[:1])
   put = lambda batch: sharding.to_global(mesh, batch)
   return jax.device_put(state, rep), fn, put, config
 
@@ -51,6 +43,7 @@ def _float_dtypes(tree):
           if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 def test_bfloat16_step_is_close_to_float32_and_keeps_float32_state():
   state32, fn32, put, config = _step_fn("float32")
   state16, fn16, _, _ = _step_fn("bfloat16")
@@ -59,16 +52,16 @@ def test_bfloat16_step_is_close_to_float32_and_keeps_float32_state():
     np.testing.assert_array_equal(a, b)
 
   # The bf16 step really computes in bf16: its convolutions take bf16.
-  lowered = fn16.lower(state16, put(_batch(config, 0)))
+  lowered = fn16.lower(state16, put(synthetic_batch(config, 0)))
   convs = [l for l in lowered.as_text().splitlines()
            if "stablehlo.convolution" in l]
   assert convs and all("bf16" in l for l in convs), convs[:2]
   fn16 = lowered.compile()   # traced once: run what was inspected
 
-  _, m32 = fn32(state32, put(_batch(config, 0)))
+  _, m32 = fn32(state32, put(synthetic_batch(config, 0)))
   losses = []
   for i in range(3):   # a few bf16 steps: finite, and training moves
-    state16, m16 = fn16(state16, put(_batch(config, i)))
+    state16, m16 = fn16(state16, put(synthetic_batch(config, i)))
     losses.append(float(m16["train/loss"]))
     if i == 0:
       # Same parameters and batch: the losses and gradients agree.
@@ -101,7 +94,7 @@ def test_bfloat16_outputs_for_kmeans_and_losses_are_float32():
   config = odin.get_config("test")
   config.model.dtype = "bfloat16"
   model = network.from_config(config)
-  s, (h, w) = config.image_size, step.feature_grid(config)
+  s, (h, w) = config.image_size, network.feature_grid(config)
   images = jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32)
   cells = jax.ShapeDtypeStruct((2, h, w), jnp.int32)
   ids = jax.ShapeDtypeStruct((2, config.num_masks), jnp.int32)

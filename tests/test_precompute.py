@@ -15,7 +15,6 @@ import zlib
 import numpy as np
 from PIL import Image
 import pytest
-from skimage import data as skdata
 import tensorflow as tf
 
 from configs import detcon_b
@@ -25,17 +24,11 @@ from odin_jax.data import records
 from odin_jax.data import sources
 from odin_jax.data.records import precompute
 from odin_jax import reporting, train
+from tests.helpers import FH, photo  # pylint: disable=g-bad-import-order
 
-FH = "fh:scale=100,sigma=0.8,min_size=50"
 FH_KEY = "fh_s100_sig0.8_min50"
 GRID = "grid:size=20"          # 400 cells: ids past 255
 NUM_SHARDS = 3
-
-
-def _photo(name, top=0, left=0, h=90, w=120):
-  """A 90x120 (strided 2x) crop of a bundled photo, uint8 RGB or gray."""
-  image = np.asarray(getattr(skdata, name)())
-  return np.ascontiguousarray(image[top:top + 2 * h:2, left:left + 2 * w:2])
 
 
 def _save(path, array, fmt, **kw):
@@ -59,15 +52,15 @@ def _png48(path, rgb16):
 def folder(tmp_path_factory):
   """8 valid images in 3 class dirs: JPEG (RGB, gray), PNG, WebP."""
   root = str(tmp_path_factory.mktemp("photos"))
-  _save(f"{root}/a/astronaut.jpg", _photo("astronaut", 40, 60), "JPEG")
-  _save(f"{root}/a/coffee.jpg", _photo("coffee", 100, 200), "JPEG")
-  _save(f"{root}/a/camera.jpg", _photo("camera", 100, 100), "JPEG")  # gray
-  _save(f"{root}/b/chelsea.jpg", _photo("chelsea", 50, 100), "JPEG")
-  _save(f"{root}/b/rocket.png", _photo("rocket", 100, 200), "PNG")
-  _save(f"{root}/b/ihc.jpg", _photo("immunohistochemistry", 0, 0), "JPEG")
-  _save(f"{root}/c/astro2.webp", _photo("astronaut", 250, 200), "WEBP",
+  _save(f"{root}/a/astronaut.jpg", photo("astronaut", 40, 60), "JPEG")
+  _save(f"{root}/a/coffee.jpg", photo("coffee", 100, 200), "JPEG")
+  _save(f"{root}/a/camera.jpg", photo("camera", 100, 100), "JPEG")  # gray
+  _save(f"{root}/b/chelsea.jpg", photo("chelsea", 50, 100), "JPEG")
+  _save(f"{root}/b/rocket.png", photo("rocket", 100, 200), "PNG")
+  _save(f"{root}/b/ihc.jpg", photo("immunohistochemistry", 0, 0), "JPEG")
+  _save(f"{root}/c/astro2.webp", photo("astronaut", 250, 200), "WEBP",
         quality=90)
-  _save(f"{root}/c/coffee2.JPEG", _photo("coffee", 0, 0), "JPEG")
+  _save(f"{root}/c/coffee2.JPEG", photo("coffee", 0, 0), "JPEG")
   with open(f"{root}/c/readme.txt", "w") as f:
     f.write("not an image")
   return root
@@ -230,7 +223,7 @@ def test_tasks_on_several_machines_equal_one_run(precomputed, folder,
 
 def test_bad_inputs_are_converted_or_skipped_and_counted(tmp_path):
   root = tmp_path / "in"
-  rgb = _photo("chelsea", 50, 100)
+  rgb = photo("chelsea", 50, 100)
   _save(f"{root}/ok.jpg", rgb, "JPEG")
   buf = io.BytesIO()
   Image.fromarray(rgb).save(buf, "JPEG")
@@ -238,12 +231,12 @@ def test_bad_inputs_are_converted_or_skipped_and_counted(tmp_path):
   (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
   (root / "garbage.png").write_bytes(np.random.default_rng(0).bytes(3000))
   (root / "empty.jpg").write_bytes(b"")
-  _save(f"{root}/gray.png", _photo("camera", 100, 100), "PNG")
+  _save(f"{root}/gray.png", photo("camera", 100, 100), "PNG")
   Image.fromarray(rgb).convert("CMYK").save(f"{root}/cmyk.jpg", "JPEG")
   rgba = np.dstack([rgb, np.tile(np.linspace(0, 255, 120, dtype=np.uint8),
                                  (90, 1))])
   _save(f"{root}/alpha.png", rgba, "PNG")
-  gray16 = (_photo("camera", 100, 100).astype(np.uint16) * 257)
+  gray16 = (photo("camera", 100, 100).astype(np.uint16) * 257)
   gray16[:, :10] = 65535
   _save(f"{root}/gray16.png", gray16, "PNG")
   rgb16 = rgb.astype(np.uint16) * 257
@@ -482,6 +475,7 @@ def test_beam_equals_multiprocessing(precomputed, folder, tmp_path):
       assert got[f] == want[f], f
 
 
+@pytest.mark.slow
 def test_detcon_trains_on_precomputed_records(precomputed, tmp_path):
   """The issue's end point: a folder -> records -> DetCon trains on them."""
   out, _ = precomputed

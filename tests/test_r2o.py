@@ -9,9 +9,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import r2o
-from odin_jax import config_check, objects, reporting, sharding, step, train
+from odin_jax import (config_check, methods, objects, reporting, sharding,
+                      step, train)
 from odin_jax.data import pipeline, sources, spanning
 from odin_jax import span_mapping as mapping
+from odin_jax.methods import r2o as r2o_method
+from odin_jax.methods.base import SpanView
 from odin_jax.models import network
 
 IMAGENET = 1_281_167     # ImageNet-1k train images
@@ -40,7 +43,9 @@ def test_preset_follows_r2o_recipe():
   per_epoch = IMAGENET // 4096                       # 312 steps
   assert step.schedule_lengths(c, IMAGENET) == (300 * per_epoch,
                                                 3 * per_epoch)
-  assert c.r2o.cluster_view == "image" and spanning.span_size(c) == 224
+  assert c.r2o.cluster_view == "image"
+  assert methods.get(c).span_view() == SpanView(224, whole_image=True,
+                                                with_segments=True)
   assert c.loss.mask_sampling == "all" and c.num_masks == c.r2o.k_start
 
 
@@ -102,12 +107,13 @@ def test_whole_image_is_clustered_and_maps_into_the_views():
   are the crops relative to the whole image, and a mask painted on it lands
   in each view as a NumPy crop/flip/resize of that mask does."""
   config = r2o.get_config("test")
-  size, p = config.image_size, spanning.span_size(config)
+  span = methods.get(config).span_view()
+  size, p = config.image_size, span.size
   assert p == 2 * size
   segments = _scene_segments()
   image = np.random.RandomState(0).randint(0, 256, (_H, _W, 3), np.uint8)
   fn = tf.function(lambda seed: spanning.two_views_with_span(
-      image, segments, seed, config))
+      image, segments, seed, config, span))
   geometry = tf.function(lambda seed: spanning.view_geometry(
       seed, _H, _W, config))
   whole = segments[_nearest(p, 0, _H, _H, _H)][:, _nearest(p, 0, _W, _W, _W)]
@@ -140,7 +146,7 @@ def test_whole_image_is_clustered_and_maps_into_the_views():
 
 def test_region_to_object_schedule_matches_paper_formula():
   config = r2o.get_config()
-  k = step.region_clusters_schedule(config, total_steps=1000)
+  k = r2o_method.num_clusters_schedule(config, total_steps=1000)
   got = [int(k(s)) for s in (0, 250, 500, 750, 1000, 2000)]
   want = [round(4 + 124 * np.cos(np.pi / 2 * e)) for e in
           (0, 0.25, 0.5, 0.75, 1.0, 1.0)]
@@ -153,23 +159,23 @@ def _batch(config):
                                    global_batch_size=config.batch_size)
   batch = next(ds.as_numpy_iterator())
   assert batch["span_mask"].shape == batch["span"].shape[:3]
-  p = spanning.span_size(config)       # the whole image, clustered at P px
+  p = methods.get(config).span_view().size   # the whole image, at P px
   assert batch["span"].shape == (config.batch_size, p, p, 3)
-  return {k: v for k, v in batch.items() if k in step.BATCH_KEYS}
+  keys = methods.get(config).batch_keys()
+  return {k: v for k, v in batch.items() if k in keys}
 
 
 def test_region_masks_follow_superpixels_and_k():
   config = r2o.get_config("test")
-  model = network.from_config(config)
+  model = methods.get(config).network()
   state = step.create_train_state(
       config, model, step.make_optimizer(config, lambda s: 0.1),
       jax.random.PRNGKey(0))
   batch = _batch(config)
   for total, at, max_k in ((10, 0, config.r2o.k_start), (10, 10, 4)):
-    found = jax.jit(step.make_mask_discovery(
-        config, model, region_clusters=step.region_clusters_schedule(
-            config, total)))(state.replace(step=at), batch,
-                             jax.random.PRNGKey(1))
+    method = methods.get(config, total_steps=total, steps_per_epoch=1)
+    found = jax.jit(method.make_find_masks(model))(
+        state.replace(step=at), batch, jax.random.PRNGKey(1))
     seg = np.asarray(found["span_segments"])
     assert seg.min() >= 0 and seg.max() < max_k
     # Clusters are shared by a group: at most K distinct ids per group.
@@ -180,7 +186,7 @@ def test_region_masks_follow_superpixels_and_k():
                                     config.image_size)
     # The loss rows: every cluster present in a view (R2O's loss uses all K
     # masks), increasing, padded with -1; none dropped, none sampled twice.
-    grid = step.feature_grid(config)
+    grid = network.feature_grid(config)
     for v in ("mask1", "mask2"):
       cells = objects.downsample_segments(found[v], grid)
       ids = np.asarray(objects.view_mask_ids(

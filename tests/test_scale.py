@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import detcon_b
-from odin_jax import checkpoint, profiling, reporting, sharding, train
+from odin_jax import (checkpoint, config_compat, profiling, reporting, sharding,
+                      train)
 from odin_jax.models import network, resnet
 
 
@@ -141,14 +142,14 @@ def test_fsdp_equals_replicated_restores_sharded_and_profiles(tmp_path):
 
   # The checkpoint restores into the sharded layout, values intact.
   mngr = checkpoint.manager(workdir, config.max_to_keep)
-  restored = checkpoint.restore_latest(mngr, fsdp, config)
+  restored = checkpoint.restore(mngr, fsdp, config)
   assert int(restored.step) == 2
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fsdp)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... and into the replicated layout (a resume with sharding.fsdp=False:
   # the field may change between a run and its resumption).
-  restored = checkpoint.restore_latest(mngr, replicated, _config())
+  restored = checkpoint.restore(mngr, replicated, _config())
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fsdp)):
     assert a.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -194,7 +195,7 @@ def test_scale_fields_are_checked_and_mutable_on_resume():
   saved = detcon_b.get_config("test")
   now = detcon_b.get_config("test")
   now.model.remat, now.sharding.fsdp, now.profile.num_steps = "stages", True, 3
-  checkpoint._check_compatible({"config": saved.to_json()}, now, "d")
+  config_compat.check_compatible({"config": saved.to_json()}, now, "d")
   now.model.depth = 50   # a different network is not resumable
   with pytest.raises(ValueError, match=r"model\.depth"):
-    checkpoint._check_compatible({"config": saved.to_json()}, now, "d")
+    config_compat.check_compatible({"config": saved.to_json()}, now, "d")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import detcon_b
-from odin_jax import objects
+from configs import odin as odin_config
+from odin_jax import methods, objects
+from odin_jax.methods.base import SpanView
 from odin_jax.data import augment, spanning
 from odin_jax import span_mapping as mapping
 
@@ -126,7 +127,8 @@ def test_spanning_box_covers_both_and_is_minimal():
 @tf.function
 def _with_span(segments, seed):
   """two_views_with_span of the test scene's image (traced once per module)."""
-  return spanning.two_views_with_span(_scene()[0], segments, seed, _config())
+  return spanning.two_views_with_span(_scene()[0], segments, seed, _config(),
+                                      SpanView(2 * S))
 
 
 @tf.function
@@ -167,10 +169,11 @@ def test_two_views_with_span_matches_two_views_and_its_geometry():
                                atol=0.5 + 1e-3)
   assert any(flips) and not all(flips)
 
-  config = _config()
-  assert spanning.span_size(config) == 2 * S
-  config.odin = ml_collections.ConfigDict({"span_scale": 1.5})
-  assert spanning.span_size(config) == 96
+  odin = odin_config.get_config("test")
+  odin.image_size = S
+  assert methods.get(odin).span_view() == SpanView(2 * S)
+  odin.odin.span_scale = 1.5
+  assert methods.get(odin).span_view() == SpanView(96)
   assert spanning.spanning_view(image, (3, 4, 50, 40), 96).shape == (96, 96, 3)
 
 

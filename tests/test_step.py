@@ -4,43 +4,15 @@ import numpy as np
 import pytest
 
 from configs import byol, detcon_b, detcon_s
-from odin_jax import objects, sharding, step
+from odin_jax import objects, rng, sharding, step
 from odin_jax.models import network
+from tests import helpers
 
 
-def _setup(config):
-  model = network.from_config(config)
-  lr = step.learning_rate_schedule(config, 100, 10)
-  ema = step.ema_decay_schedule(config, 100)
-  tx = step.make_optimizer(config, lr)
-  state = step.create_train_state(config, model, tx, jax.random.PRNGKey(0))
-  return model, tx, lr, ema, state
-
-
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  b, s = config.batch_size, config.image_size
-  blocks = rng.integers(0, 6, size=(2, b, s // 16, s // 16))
-  masks = np.kron(blocks, np.ones((16, 16), np.int64)).astype(np.int32)
-  views = rng.integers(0, 256, (2, b, s, s, 3), dtype=np.uint8)
-  return {"view1": views[0], "view2": views[1],
-          "mask1": masks[0], "mask2": masks[1],
-          "index": np.arange(seed * b, (seed + 1) * b, dtype=np.int32)}
-
-
-def _run(config, devices, steps=2):
-  model, tx, lr, ema, state = _setup(config)
-  mesh = sharding.make_mesh(devices)
-  rep = sharding.replicated(mesh)
-  fn = jax.jit(step.make_train_step(config, model, tx, lr, ema, mesh),
-               in_shardings=(rep, sharding.batch_sharded(mesh)),
-               out_shardings=(rep, rep))
-  state = jax.device_put(state, rep)
-  losses = []
-  for i in range(steps):
-    state, metrics = fn(state, sharding.to_global(mesh, _batch(config, i)))
-    losses.append(float(metrics["train/loss"]))   # blocks: see the brief
-  return losses, jax.device_get(state)
+# One definition of the tiny step, batch and run (tests/helpers.py) keeps
+# the compiled programs identical across files (persistent XLA cache).
+_setup, _batch, _run = (helpers.train_setup, helpers.synthetic_batch,
+                        helpers.run_steps)
 
 
 @pytest.mark.parametrize("cfg", [detcon_b, detcon_s], ids=["detcon_b", "detcon_s"])
@@ -117,11 +89,11 @@ def test_gradient_accumulation_runs_and_uses_micro_batches():
 
 
 def _consumed_keys(state, k):
-  """Every key one step draws from, named: discovery, and per micro-batch
+  """Every key one step draws from, named: masks, and per micro-batch
   the two per-view mask-sampling keys (objects.view_mask_ids splits the
   micro-batch key in two) and the micro-batch key itself (hiergroup)."""
-  keys = step.step_keys(state, k)
-  out = {"discovery": keys["discovery"], "color": keys["color"]}
+  keys = rng.step_keys(state, k)
+  out = {"masks": keys["masks"], "color": keys["color"]}
   for i in range(k):
     out[f"loss{i}"] = keys["loss"][i]
     for v, view_key in enumerate(jax.random.split(keys["loss"][i])):
@@ -139,10 +111,11 @@ def test_no_two_consumers_share_a_key():
       state = step.TrainState(step=jnp.int32(number), params={},
                               target_params={}, batch_stats={}, opt_state=(),
                               rng=jax.random.PRNGKey(3))
-      # The training pictures show the masks of the step's own discovery key.
+      # The masks stream is the same whatever the micro-batch count (the
+      # training pictures draw it with k = 1).
       np.testing.assert_array_equal(
-          jax.random.key_data(step.discovery_key(state)),
-          jax.random.key_data(step.step_keys(state, k)["discovery"]))
+          jax.random.key_data(rng.step_keys(state)["masks"]),
+          jax.random.key_data(rng.step_keys(state, k)["masks"]))
       for name, key in _consumed_keys(state, k).items():
         first = float(jax.random.uniform(key))
         assert first not in first_draws, (k, number, name, first_draws[first])
@@ -167,7 +140,7 @@ def test_all_ids_sampling_trains_without_randomness_in_the_loss():
   loss_b = float(fn(state.replace(rng=jax.random.PRNGKey(9)), batch)[1]["train/loss"])
   assert np.isfinite(loss_a) and loss_a > 0
   assert loss_a == loss_b
-  cells = [np.asarray(objects.downsample_segments(batch[m], step.feature_grid(config)))
+  cells = [np.asarray(objects.downsample_segments(batch[m], network.feature_grid(config)))
            for m in ("mask1", "mask2")]
   ids = objects.view_mask_ids("all", None, *cells, 12)
   assert (np.asarray(ids[0]) == -1).any()        # the case has padding rows

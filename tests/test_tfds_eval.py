@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 from etils import epath
 import numpy as np
@@ -40,8 +38,9 @@ from odin_jax.evaluate import features as features_lib
 from odin_jax.evaluate import settings as settings_lib
 from odin_jax.evaluate import video
 from odin_jax.evaluate import video_metrics
+from tests import helpers
+from tests.helpers import central_square, run_eval_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO, DAVIS = "coco/2017_panoptic", "davis/480p"
 # eval.image_size: COCO's native central crop (120 px) is resized straight
 # to it and scored there (Odin App. A.4: ~480 -> 1024; here 120 -> 128).
@@ -63,18 +62,10 @@ DAVIS_FRAMES = 5
 CLIPS = {"still-shapes": (11, 2, 0.0), "moving-shapes": (12, 3, 10.0)}
 
 
-class _LocalFiles:
+class _LocalFiles(helpers.OfflineCodePath):
   """Mixin for a real registered builder that reads raw files from raw_dir
-  instead of downloading them."""
+  instead of downloading them (no checksums: see helpers.OfflineCodePath)."""
   raw_dir = None
-
-  # TFDS 4.9.10 looks up a builder's code through `importlib_resources`
-  # for dotted modules (tests.test_tfds_eval), which is not installed here
-  # (see tests/test_tfds_source.py); this file holds no checksums.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(__file__)
 
 
 class _OfflineCoco(_LocalFiles, tfds.builder_cls("coco"),
@@ -227,12 +218,11 @@ def tfds_dir(tmp_path_factory):
   raw = tmp_path_factory.mktemp("raw")
   truth = _coco_raw(str(raw / "coco"))
   clips = _davis_raw(str(raw / "davis"))
-  config = tfds.download.DownloadConfig(try_download_gcs=False)
   for cls, config_name, sub in ((_OfflineCoco, "2017_panoptic", "coco"),
                                 (_OfflineDavis, "480p", "davis")):
     builder = cls(config=config_name, data_dir=data_dir)
     builder.raw_dir = str(raw / sub)
-    builder.download_and_prepare(download_config=config)
+    helpers.prepare_offline(builder)
   return data_dir, truth, clips
 
 
@@ -257,16 +247,6 @@ def test_real_builders_read_the_datasets(tfds_dir):
   assert str(tfds.builder(DAVIS, data_dir=data_dir).version) == "2.1.0"
 
 
-def _central_square(array, size):
-  """Independent of the runner: central square, nearest sampling."""
-  h, w = array.shape[:2]
-  side = min(h, w)
-  crop = array[(h - side) // 2:(h - side) // 2 + side,
-               (w - side) // 2:(w - side) // 2 + side]
-  idx = np.floor((np.arange(size) + 0.5) * side / size).astype(int)
-  return crop[np.ix_(idx, idx)]
-
-
 def test_coco_ground_truth_decoding(tfds_dir):
   """The runner's COCO scenes = the masks written (crowd / stuff dropped),
   their native central square crop resized straight to eval.image_size
@@ -282,7 +262,7 @@ def test_coco_ground_truth_decoding(tfds_dir):
   assert scenes.images.shape == (len(truth), COCO_SIZE, COCO_SIZE, 3)
   for i, name in enumerate(names):
     image, inst, cls = truth[name]
-    want_inst = _central_square(inst, COCO_SIZE)
+    want_inst = central_square(inst, COCO_SIZE)
     got_inst = scenes.instances[i]
     # Same partition into instances (numbering may differ), same classes.
     pairs = np.unique(np.stack([want_inst.ravel(), got_inst.ravel()]), axis=1)
@@ -291,7 +271,7 @@ def test_coco_ground_truth_decoding(tfds_dir):
     assert ((pairs[0] == 0) == (pairs[1] == 0)).all(), name
     assert len(np.unique(want_inst)) >= 3   # background + >= 2 things
     np.testing.assert_array_equal(scenes.classes[i],
-                                  _central_square(cls, COCO_SIZE))
+                                  central_square(cls, COCO_SIZE))
     # Pixels: the image's central square, resized (up to JPEG error).
     side = min(image.shape[:2])
     top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
@@ -347,22 +327,7 @@ def test_davis_propagation_still_vs_moving(tfds_dir):
   assert still["JF_mean"] > moving["JF_mean"] + 0.15
 
 
-def run_eval_cli(workdir, evals: str, sets: dict):
-  """`python -m odin_jax.evaluate` on the :test network at random init with
-  --set=KEY=VALUE for each of `sets`; returns (process, results JSON)."""
-  proc = subprocess.run(
-      [sys.executable, "-m", "odin_jax.evaluate",
-       "--config=configs/detcon_b.py:test", f"--workdir={workdir}",
-       "--source=random", f"--evals={evals}", "--tensorboard=false",
-       *[f"--set={k}={v}" for k, v in sets.items()]],
-      cwd=REPO, capture_output=True, text=True, env=dict(os.environ),
-      timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(workdir, "eval", "results_random.json"),
-            encoding="utf-8") as f:
-    return proc, json.load(f)
-
-
+@pytest.mark.slow
 def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
   data_dir, truth, clips = tfds_dir
   sets = {"tfds_discovery": COCO, "tfds_video": DAVIS,
@@ -389,7 +354,7 @@ def test_cli_on_coco_and_davis(tfds_dir, tmp_path):
       metrics["coco/instances/recall_all"]
   # Every non-crowd thing left in the crops is scored (count_k: instances
   # in images with k instances of their class).
-  things = sum(len(np.unique(_central_square(inst, COCO_SIZE))) - 1
+  things = sum(len(np.unique(central_square(inst, COCO_SIZE))) - 1
                for _, inst, _ in truth.values())
   assert sum(v for k, v in info.items()
              if k.startswith("coco/instances/count_")) == things

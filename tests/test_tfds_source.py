@@ -1,9 +1,10 @@
 """The TFDS input path on a real (tiny) TFDS dataset, built offline here.
 
-A GeneratorBasedBuilder writes six photo crops with class labels and file
-names as ArrayRecord files in two shards (what `tfds build ...
+A GeneratorBasedBuilder (tests/helpers.py's OdinTestPhotos) writes six
+photo crops with class labels and file names as ArrayRecord files in two
+shards (what `tfds build ...
 --file_format=array_record` writes for ImageNet or COCO). Training reads it
-through sources.TfdsSource (dataset.name = the builder's name), and
+through tfds_source.TfdsSource (dataset.name = the builder's name), and
 `python -m odin_jax.data.precompute --source=tfds:...` turns it into records.
 """
 
@@ -15,69 +16,30 @@ import os
 import subprocess
 import sys
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import detcon_b
 from odin_jax.data import masks
 from odin_jax.data import pipeline
 from odin_jax.data import records
 from odin_jax.data import sources
-from tests.test_precompute import _photo
+from odin_jax.data import tfds_source
+from tests import helpers
+from tests.helpers import FH, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = "odin_test_photos"
-FH = "fh:scale=100,sigma=0.8,min_size=50"
-CROPS = [("astronaut", 40, 60), ("coffee", 100, 200), ("chelsea", 50, 100),
-         ("rocket", 100, 200), ("immunohistochemistry", 0, 0),
-         ("astronaut", 250, 200)]
-PHOTOS = {f"photo{i}.jpg": (_photo(n, top, left), i % 3)
-          for i, (n, top, left) in enumerate(CROPS)}   # name: (RGB, label)
-
-
-class OdinTestPhotos(tfds.core.GeneratorBasedBuilder):
-  """Six 90x120 RGB photo crops, JPEG-encoded, labels 0..2."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  # TFDS 4.9.10 finds the code of a builder in a dotted module (here
-  # tests.test_tfds_source) through the package `importlib_resources`, which
-  # it requires only on Python < 3.9 and is not installed here; this file is
-  # the code path (it holds no checksums.tsv: nothing is downloaded).
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return epath.Path(__file__)
-
-  def _info(self):
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3),
-                                     encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
-        "file_name": tfds.features.Text()})
-    return tfds.core.DatasetInfo(builder=self, features=features)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager   # nothing to download
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for name, (image, label) in PHOTOS.items():
-      yield name, {"image": image, "label": label, "file_name": name}
+# The dataset (helpers.OdinTestPhotos) and its data_dir (conftest.py's
+# session fixture `photos_data_dir`, read-only here) are shared with
+# tests/test_bad_examples.py.
+NAME = helpers.PHOTOS_NAME
+PHOTOS = helpers.photos()   # name: (RGB, label)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("tfds"))
-  builder = OdinTestPhotos(data_dir=root, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, num_shards=2))
-  assert builder.info.splits["train"].shard_lengths == [3, 3]
-  return root
+def data_dir(photos_data_dir):
+  return photos_data_dir
 
 
 def _raw_jpegs(data_dir):
@@ -87,18 +49,10 @@ def _raw_jpegs(data_dir):
   return {ex["file_name"].decode(): ex["image"] for ex in source}
 
 
-def _config(data_dir):
-  c = detcon_b.get_config("test")
-  c.image_size = 32
-  c.dataset.name, c.dataset.data_dir = NAME, data_dir
-  c.masks.method, c.masks.fh_scale, c.masks.fh_min_size = "fh", 100.0, 50
-  return c
-
-
 def test_training_reads_the_tfds_dataset(data_dir):
-  c = _config(data_dir)
+  c = helpers.photos_config(data_dir)
   source = sources.make_source(c)
-  assert isinstance(source, sources.TfdsSource)
+  assert isinstance(source, tfds_source.TfdsSource)
   assert source.num_examples == 6 and source.shard_sizes == (3, 3)
   raw = _raw_jpegs(data_dir)
   seen = []

@@ -10,7 +10,7 @@ from scipy import special
 from configs import common, detcon_b, odin
 from odin_jax import config_check, reporting, step, train
 from odin_jax.models import network, resnet, swin, vit
-from tests.test_step import _run as run_sharded_steps
+from tests.helpers import run_steps as run_sharded_steps
 
 
 def _count(tree) -> int:
@@ -264,14 +264,14 @@ def test_presets_follow_the_paper():
   config_check.validate(b8)
   assert (b8.model.vit.patch_size, b8.odin.span_scale, b8.num_epochs) == (
       8, 1.0, 100)
-  assert b8.eval.image_size == 448 and step.feature_grid(b8, 448) == (56, 56)
-  assert step.feature_grid(b8) == (28, 28)
+  assert b8.eval.image_size == 448 and network.feature_grid(b8, 448) == (56, 56)
+  assert network.feature_grid(b8) == (28, 28)
   s = odin.get_config("swin_t")
   config_check.validate(s)
   assert (s.model.backbone, s.model.swin.depths) == ("swin", (2, 2, 6, 2))
   assert (s.optimizer.name, s.optimizer.clip_norm) == ("lars", 1.0)
   assert (s.model.feature_stage, s.odin.span_scale) == ("p2", 2.0)
-  assert step.feature_grid(s, 448) == (112, 112)
+  assert network.feature_grid(s, 448) == (112, 112)
   assert detcon_b.get_config("swin_s").model.swin.depths == (2, 2, 18, 2)
   # Backbone presets compose with the scale presets; the default is intact.
   assert common.split_backbone_preset("swin_t_coco") == ("swin_t", "coco")
@@ -341,7 +341,7 @@ def test_trains_end_to_end(module, preset, tmp_path):
   assert [r["step"] for r in records] == [1, 2]
   for r in records:
     assert np.isfinite(r["train/loss"]) and np.isfinite(r["train/grad_norm"])
-    if config.odin.enabled:   # k-means on the tokens / Swin-FPN projections
+    if config.method == "odin":   # k-means on tokens / Swin-FPN projections
       assert r["train/discovered_segments"] > 1.5
   backbone = jax.device_get(state.params)["backbone"]
   assert ("block0" in backbone) == (config.model.backbone == "vit")
@@ -355,7 +355,7 @@ def test_odin_swin_network_shapes():
   config_check.validate(config)
   model = network.from_config(config)
   span = round(config.odin.span_scale * config.image_size)       # 160 px
-  assert step.feature_grid(config, span) == (40, 40)
+  assert network.feature_grid(config, span) == (40, 40)
   state = jax.eval_shape(lambda: step.create_train_state(
       config, model, step.make_optimizer(config, 0.1), jax.random.PRNGKey(0)))
   assert set(state.params) >= {"backbone", "fpn", "projector", "predictor"}

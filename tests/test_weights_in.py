@@ -19,7 +19,7 @@ from flax import traverse_util
 from safetensors import numpy as st_numpy
 
 from configs import byol, odin
-from odin_jax import checkpoint, config_check, step, train
+from odin_jax import checkpoint, config_check, config_compat, step, train
 from odin_jax.evaluate import features
 from odin_jax.evaluate import runner
 from odin_jax.export import convert, weights_in, writer
@@ -239,12 +239,15 @@ def test_apply_fills_theta_xi_and_odin_tau(tmp_path):
   out = weights_in.apply(state, config)
   want = {k: v for k, v in flat.items() if k.startswith("params/")}
   kernels = []
-  for name in ("params", "target_params", "discovery_params"):
-    tree = jax.device_get(getattr(out, name))
-    _equal(convert.flatten({"params": tree["backbone"]}), want)
-    _equal(convert.flatten(tree["projector"]),
-           convert.flatten(jax.device_get(getattr(state, name)["projector"])))
-    kernels.append(getattr(out, name)["backbone"]["stem_conv"]["kernel"])
+  trees = lambda s: {"params": s.params, "target_params": s.target_params,
+                     "tau": s.method_state["tau"]}
+  for name, tree in trees(out).items():
+    before = jax.device_get(trees(state)[name])
+    _equal(convert.flatten({"params": jax.device_get(tree)["backbone"]}),
+           want)
+    _equal(convert.flatten(jax.device_get(tree)["projector"]),
+           convert.flatten(before["projector"]))
+    kernels.append(tree["backbone"]["stem_conv"]["kernel"])
   assert len({k.addressable_data(0).unsafe_buffer_pointer()
               for k in kernels}) == 3
   assert kernels[0].sharding == state.params["backbone"]["stem_conv"][
@@ -303,7 +306,7 @@ def test_train_starts_from_init_from(started):
   _, meta, _ = checkpoint.read(str(folder / "run"), with_state=False)
   relaunch = config.copy_and_resolve_references()
   relaunch.init_from = ""
-  check = checkpoint._check_compatible  # pylint: disable=protected-access
+  check = config_compat.check_compatible
   check(meta, relaunch, folder)
 
 

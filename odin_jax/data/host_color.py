@@ -92,7 +92,7 @@ def sample_color_params(seed, config, view: int) -> dict:
   s = _split(seed, 3)
   j = _split(s[1], 5)
   return color.params_from_draws(
-      config, view, _uniform(s[0], (4,)), [_uniform(k) for k in j[:4]],
+      config, view, _uniform(s[0], (4,)), [_uniform(j[i]) for i in range(4)],
       _uniform(j[4], (4,)), _uniform(s[2]), tf.argsort)
 
 

@@ -37,6 +37,9 @@ precompute with --num_shards a multiple of P); each host opens only its own
 staged to local disk); the order inside a host is still random access. Host
 epochs have N_h examples, so with shards of different sizes hosts' epochs
 do not line up, and one global "epoch" is not exactly one pass over the data.
+The functions that compute these streams (example_id_at, augment_seed_at,
+host_shards, local_to_global_id) and the substitutes of bad examples below
+(substitute_at) are data/stream.py's.
 
 Bad examples. An example whose image or mask fails to load (a truncated
 JPEG, a corrupt record, a mask PNG that does not decode, a failing
@@ -83,31 +86,27 @@ Each element of the dataset is a per-host batch (B = G / P):
                                         log, counted: data/skips.py)
 with masks.method 'hierarchy' also (data/hierarchy.py; L = max_leaves):
   'hierarchy':      float32 [B, L, L]   tree distances between leaf ids
-with config.odin.enabled also (spanning.two_views_with_span; span side
-odin.span_scale x S, 2S by default):
-  'span':           uint8   [B, 2S, 2S, 3] un-augmented spanning view
+when the method segments a spanning view on device (its span_view(), P =
+SpanView.size, 2S for Odin; spanning.two_views_with_span) also:
+  'span':           uint8   [B, P, P, 3] un-augmented spanning view
   'box1', 'box2':   float32 [B, 4]      view boxes in the span, (y0,x0,y1,x1)
   'flip1', 'flip2': bool    [B]
-with config.r2o.enabled the same plus
-  'span_mask':      uint8/uint16 [B, 2S, 2S] source segments on the span
+and with SpanView.with_segments (R2O)
+  'span_mask':      uint8/uint16 [B, P, P] source segments on the span
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
+from odin_jax import methods
 from odin_jax.data import augment
 from odin_jax.data import spanning
+from odin_jax.data import stream
 
-# Distinct constants keep the shuffle and augmentation streams independent.
-_SHUFFLE_SALT = 0x5348_5546   # 'SHUF'
-_AUGMENT_SALT = 0x4155_4731   # 'AUG1'
-_HOST_SHUFFLE_SALT = 0x4853_4846   # 'HSHF': per-host streams ('shards')
-_SUBSTITUTE_SALT = 0x5355_4253   # 'SUBS': substitutes of bad examples
 HOST_SPLITS = ("examples", "shards")
 # Substitutes tried for a position whose example fails to load. With a bad
 # fraction f, all of them fail with probability f**(MAX_SUBSTITUTES + 1):
@@ -133,51 +132,6 @@ def num_steps_per_epoch(source, global_batch_size: int) -> int:
   """Whole global batches per pass over the source (at least 1)."""
   return max(1, source.num_examples // int(global_batch_size))
 
-
-def example_id_at(position, num_examples: int, seed: int, host=None):
-  """int64 example id at stream position(s) p (any int64 shape []).
-
-  A pure function of (seed, p): position p of epoch p // N maps through that
-  epoch's permutation of 0..N-1. host=None: the global stream ('examples');
-  host=h: host h's own stream over its N_h local examples ('shards').
-  """
-  position = tf.cast(position, tf.int64)
-  n = tf.constant(num_examples, tf.int64)
-  if host is None:
-    base = tf.constant([seed, _SHUFFLE_SALT], tf.int64)
-  else:
-    base = tf.random.experimental.stateless_fold_in(
-        tf.constant([seed, _HOST_SHUFFLE_SALT], tf.int64), int(host))
-  epoch_seed = tf.random.experimental.stateless_fold_in(base, position // n)
-  return tf.random.experimental.index_shuffle(position % n, epoch_seed,
-                                              max_index=n - 1)
-
-
-def augment_seed_at(position, seed: int):
-  """Stateless seed int64 [2] of the augmentation of position p."""
-  return tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, _AUGMENT_SALT], tf.int64), tf.cast(position,
-                                                            tf.int64))
-
-
-def substitute_at(position, k, num_examples: int, seed: int, host=None):
-  """int64 [] id in [0, num_examples) standing in, on try k >= 1, for the
-  example at position p when that one fails to load.
-
-  A stateless draw from (seed, p, k) [and host h in 'shards' mode, where p
-  is h's local position and the id a local one]: the same position always
-  gets the same substitutes, on any number of hosts and after a resume. A
-  uniform draw (not p + k) keeps it from repeating a neighbour in the batch.
-  """
-  base = tf.constant([seed, _SUBSTITUTE_SALT], tf.int64)
-  if host is not None:
-    base = tf.random.experimental.stateless_fold_in(base, int(host))
-  key = tf.random.experimental.stateless_fold_in(
-      tf.random.experimental.stateless_fold_in(base, tf.cast(position,
-                                                             tf.int64)),
-      tf.cast(k, tf.int64))
-  return tf.random.stateless_uniform([], key, minval=0, maxval=num_examples,
-                                     dtype=tf.int64)
 
 
 def guarded_lookup(source, tries, id_of, blank_size: int) -> tf.data.Dataset:
@@ -233,74 +187,6 @@ def _resolve_processes(process_index, process_count):
   return int(process_index), int(process_count)
 
 
-class HostShards(NamedTuple):
-  """The shards one host owns in 'shards' mode (K of them)."""
-  shards: tuple[int, ...]   # shard indices s with s % P == h
-  offsets: np.ndarray       # int64 [K] global id of each shard's first example
-  sizes: np.ndarray         # int64 [K] examples in each
-  num_examples: int         # N_h = sizes.sum()
-
-
-def _more_shards_hint(source, num_hosts: int) -> str:
-  n = int(source.num_examples)
-  k = num_hosts * max(1, -(-n // (1024 * num_hosts)))  # ~1024 per shard
-  if hasattr(source, "reshard_command"):
-    return ("Precompute records with more shards:\n  " +
-            source.reshard_command(k))
-  return (f"Precompute records with --num_shards={k} (a multiple of "
-          f"{num_hosts}): python -m odin_jax.data.precompute ... "
-          f"--num_shards={k}")
-
-
-def host_shards(source, process_index: int, process_count: int) -> HostShards:
-  """Shards s with s % P == h of a sharded source (source.shard_sizes).
-
-  Raises ValueError for sources without shard files, fewer shards than hosts
-  and hosts whose shards hold no examples, saying how to fix it.
-  """
-  h, num_hosts = int(process_index), int(process_count)
-  sizes = getattr(source, "shard_sizes", None)
-  if sizes is None:
-    raise ValueError(
-        f"dataset.host_split='shards' needs a source stored in shard files "
-        f"(precomputed records, dataset.records_dir, or a TFDS dataset in "
-        f"ArrayRecord format); {type(source).__name__} has none. Use "
-        f"dataset.host_split='examples'.")
-  sizes = np.asarray(sizes, np.int64)
-  if sizes.sum() != int(source.num_examples):
-    raise ValueError(f"{type(source).__name__}: shard_sizes sum to "
-                     f"{sizes.sum()}, not num_examples {source.num_examples}.")
-  if len(sizes) < num_hosts:
-    raise ValueError(
-        f"dataset.host_split='shards' gives host h the shards s with s % "
-        f"{num_hosts} == h, but the source has {len(sizes)} shard(s) for "
-        f"{num_hosts} hosts. {_more_shards_hint(source, num_hosts)}\nor set "
-        f"dataset.host_split='examples'.")
-  mine = np.arange(h, len(sizes), num_hosts)
-  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-  local = HostShards(tuple(int(s) for s in mine), offsets[mine], sizes[mine],
-                     int(sizes[mine].sum()))
-  if local.num_examples == 0:
-    raise ValueError(
-        f"dataset.host_split='shards': host {h} of {num_hosts} owns shards "
-        f"{list(local.shards)}, which hold no examples. "
-        f"{_more_shards_hint(source, num_hosts)}\nor set "
-        f"dataset.host_split='examples'.")
-  return local
-
-
-def local_to_global_id(local_id, shards: HostShards):
-  """int64 global example id of host-local id(s) (any int64 shape []).
-
-  Local ids run through the host's shards in shard order.
-  """
-  local_id = tf.cast(local_id, tf.int64)
-  ends = tf.constant(np.cumsum(shards.sizes), tf.int64)            # [K]
-  k = tf.searchsorted(ends[None], tf.reshape(local_id, [1, 1]),
-                      side="right")[0, 0]                          # shard
-  start = tf.gather(ends, k) - tf.gather(tf.constant(shards.sizes), k)
-  return tf.gather(tf.constant(shards.offsets), k) + local_id - start
-
 
 def make_train_dataset(config, source, *, global_batch_size: int,
                        start_step: int = 0, process_index=None,
@@ -333,15 +219,17 @@ def make_train_dataset(config, source, *, global_batch_size: int,
   split = config.get("dataset", {}).get("host_split", "examples")
   if split not in HOST_SPLITS:
     raise ValueError(f"dataset.host_split={split!r}: use one of {HOST_SPLITS}.")
-  shards = host_shards(source, h, num_hosts) if split == "shards" else None
+  shards = (stream.host_shards(source, h, num_hosts) if split == "shards"
+            else None)
   if shards is not None:
     logging.info("Host %d of %d reads shards %s: %d of %d examples.", h,
                  num_hosts, list(shards.shards), shards.num_examples, n)
-  # Odin also needs the spanning view and the views' boxes in it.
-  # (Not with cached Odin masks: those come with the images, like FH.)
-  discovers = ((config.odin.enabled and not config.odin.get("cached", False))
-               or config.r2o.enabled)
-  make_views = spanning.two_views_with_span if discovers else augment.two_views
+  # A method that segments on device (Odin, R2O) also needs the spanning
+  # view and the views' boxes in it (not with cached Odin masks: those come
+  # with the images, like FH).
+  span = methods.get(config).span_view()
+  make_views = (functools.partial(spanning.two_views_with_span, span=span)
+                if span is not None else augment.two_views)
   seed = int(config.seed)
 
   def position(counter):  # host-local counter -> global stream position
@@ -350,17 +238,17 @@ def make_train_dataset(config, source, *, global_batch_size: int,
 
   def example_id_of(counter, p):
     if shards is None:
-      return example_id_at(p, n, seed)
-    return local_to_global_id(
-        example_id_at(counter, shards.num_examples, seed, host=h), shards)
+      return stream.example_id_at(p, n, seed)
+    return stream.local_to_global_id(stream.example_id_at(
+        counter, shards.num_examples, seed, host=h), shards)
 
   def candidate_id(counter, p, k):
     """Example id of try k of position p: its own (k = 0) or a substitute."""
     if shards is None:
-      other = substitute_at(p, k, n, seed)
+      other = stream.substitute_at(p, k, n, seed)
     else:   # from the host's own shards, keyed by its own stream
-      other = local_to_global_id(
-          substitute_at(counter, k, shards.num_examples, seed, host=h), shards)
+      other = stream.local_to_global_id(stream.substitute_at(
+          counter, k, shards.num_examples, seed, host=h), shards)
     return tf.where(k == 0, example_id_of(counter, p), other)
 
   def load(counter):   # -> the first example of p's tries that loads
@@ -376,7 +264,8 @@ def make_train_dataset(config, source, *, global_batch_size: int,
   def views(example):
     out = augment.narrow_masks(
         make_views(example["image"], example["segments"],
-                   augment_seed_at(example["index"], seed), config), config)
+                   stream.augment_seed_at(example["index"], seed), config),
+        config)
     if "hierarchy" in example:   # region-tree distances: not view-dependent
       out["hierarchy"] = example["hierarchy"]
     for key in ("index", "example_id", "skipped", "bad_id"):

@@ -3,8 +3,8 @@
 Odin (Hénaff et al. 2022, §3.1 and Appendix A) runs its object-discovery
 network on a "spanning view" v0: the smallest box of the source image that
 contains the crop boxes of both augmented views, cut from the UN-augmented
-image (no colour transform, no flip) and resized to span_size x span_size
-(448 for 224 px views, i.e. 2 x image_size). k-means on the discovery
+image (no colour transform, no flip) and resized to P x P (the method's
+SpanView.size: 448 for 224 px views, i.e. odin.span_scale 2 x image_size). k-means on the discovery
 network's feature grid segments v0; each view's masks are then obtained on
 device by cropping that segment map to the view's box (expressed relative to
 the spanning box), flipping it when the view was flipped and resizing it with
@@ -13,7 +13,7 @@ nearest neighbour (odin_jax.span_mapping.map_segments).
 R2O instead clusters the whole un-augmented image (its "raw" view, resized
 to 224 x 224 whatever its aspect): with r2o.cluster_view 'image' the span
 box is the whole image, and the same contract (span, relative boxes,
-flips) carries it (clusters_whole_image).
+flips) carries it (SpanView.whole_image, methods/r2o.py).
 
 Everything here is TensorFlow in graph mode, for use inside a tf.data map.
 
@@ -85,18 +85,6 @@ def relative_box(view_box, span_box):
                    (vy + vh - sy) / sh, (vx + vw - sx) / sw])
 
 
-def span_size(config) -> int:
-  """Spanning-view side: config.odin.span_scale (default 2) x image_size."""
-  scale = 2.0
-  if "odin" in config and "span_scale" in config.odin:
-    scale = float(config.odin.span_scale)
-  size = int(round(scale * int(config.image_size)))
-  if size <= 0:
-    raise ValueError(f"config.odin.span_scale={scale} gives a spanning view "
-                     f"of {size} px; it must be positive (Odin uses 2).")
-  return size
-
-
 def view_geometry(seed, height, width, config):
   """The crop boxes and flips that augment.two_views draws for this seed.
 
@@ -125,28 +113,22 @@ def view_geometry(seed, height, width, config):
   return tuple(out)
 
 
-def clusters_whole_image(config) -> bool:
-  """True when discovery segments the whole image instead of the spanning
-  view: R2O with r2o.cluster_view 'image' (its default), as R2O's
-  do_kmeans(raw_image) clusters the un-augmented image resized to 224."""
-  return ("r2o" in config and config.r2o.enabled
-          and config.r2o.get("cluster_view", "image") == "image")
-
-
-def two_views_with_span(image, segments, seed, config):
+def two_views_with_span(image, segments, seed, config, span):
   """augment.two_views plus Odin's spanning view and each view's geometry.
 
-  With clusters_whole_image(config) (R2O) the 'span' is the whole image
-  (box (0, 0, H, W), squashed to P x P whatever its aspect, as R2O's raw
-  view) and the boxes are relative to it; otherwise the spanning view.
+  With span.whole_image (R2O) the 'span' is the whole image (box (0, 0, H,
+  W), squashed to P x P whatever its aspect, as R2O's raw view) and the
+  boxes are relative to it; otherwise the spanning view.
 
   Args:
     image: uint8 [H, W, 3].
     segments: int32 [H, W] segment ids aligned with image.
     seed: int32/int64 [2] stateless seed; same seed, same views as two_views.
-    config: full config (image_size, augment.*, optionally odin.span_scale).
+    config: full config (image_size, augment.*).
+    span: the method's methods.base.SpanView (side P, whole image or not,
+      with the segments or not).
   Returns:
-    dict with, for S = image_size and P = span_size(config) (2S by default):
+    dict with, for S = image_size and P = span.size:
       view1, view2  uint8 [S, S, 3]    bit-identical to augment.two_views;
       mask1, mask2  int32 [S, S]       bit-identical to augment.two_views;
       span          uint8 [P, P, 3]    spanning view (or whole image), no
@@ -155,20 +137,20 @@ def two_views_with_span(image, segments, seed, config):
                                        to the span (spanning view or whole
                                        image), in [0, 1];
       flip1, flip2  bool []            whether each view was mirrored;
-      span_mask     int32 [P, P]       (config.r2o.enabled only) the source
+      span_mask     int32 [P, P]       (span.with_segments only) the source
                                        segments on the span.
   """
   out = augment.two_views(image, segments, seed, config)
   shape = tf.shape(image)
   (box1, flip1), (box2, flip2) = view_geometry(seed, shape[0], shape[1],
                                                config)
-  if clusters_whole_image(config):
+  if span.whole_image:
     span_box = (tf.constant(0), tf.constant(0), shape[0], shape[1])
   else:
     span_box = spanning_box(box1, box2)
-  size = span_size(config)
+  size = span.size
   out["span"] = spanning_view(image, span_box, size)
-  if "r2o" in config and config.r2o.enabled:
+  if span.with_segments:
     # R2O clusters the source segments (superpixels) of the span box.
     y0, x0, h, w = span_box
     seg = tf.slice(tf.cast(segments, tf.int32), tf.stack([y0, x0]),

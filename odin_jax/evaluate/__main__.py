@@ -38,8 +38,10 @@ _SOURCE = flags.DEFINE_string(
     "source", "checkpoint", "checkpoint | random | masks:fh | masks:slic | "
     "masks:grid | masks:gt | masks:hierarchy | init_from:PATH")
 _PARAMS = flags.DEFINE_enum(
-    "params", "params", ["params", "target_params", "discovery_params"],
-    "Which network of the checkpoint: online θ, EMA target ξ, or Odin's τ.")
+    "params", "params", ["params", "target_params", "tau",
+                         "discovery_params"],
+    "Which network of the checkpoint: online θ, EMA target ξ, or Odin's τ "
+    "('discovery_params': τ's older name).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Eval setting overrides name=value, e.g. --set=num_images=64.")
 _TENSORBOARD = flags.DEFINE_bool(

@@ -25,19 +25,32 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from odin_jax import checkpoint
+from odin_jax import checkpoint, methods
 from odin_jax.evaluate import settings as settings_lib
 
-PARAM_KEYS = ("params", "target_params", "discovery_params")
+# Which network of a checkpoint: online θ, EMA ξ, Odin's discovery
+# network τ (TrainState.method_state['tau']).
+PARAM_KEYS = ("params", "target_params", "tau")
+# Older names of a PARAM_KEYS entry (checkpoints before methods/: τ was the
+# TrainState field 'discovery_params').
+_PARAM_ALIASES = {"discovery_params": "tau"}
+
+
+def params_of(state: dict, params_key: str):
+  """The parameter tree `params_key` of a checkpoint read by
+  checkpoint.read (either TrainState layout), or None."""
+  if params_key == "tau":
+    return (state.get("method_state") or {}).get("tau") or state.get(
+        "discovery_params")
+  return state.get(params_key)
 
 
 
 def _abstract_variables(config):
   """Shapes of {'params', 'batch_stats'} of config's network (no compute)."""
   from odin_jax import step as step_lib
-  from odin_jax.models import network
   import optax
-  model = network.from_config(config)
+  model = methods.get(config).network()
   state = jax.eval_shape(
       lambda: step_lib.create_train_state(config, model, optax.identity(),
                                           jax.random.PRNGKey(0)))
@@ -57,9 +70,8 @@ def init_params(config, seed: int | None = None):
   i.e. the initialisation a training run with this config starts from.
   """
   from odin_jax import step as step_lib
-  from odin_jax.models import network
   import optax
-  model = network.from_config(config)
+  model = methods.get(config).network()
   seed = config.seed if seed is None else seed
   init = jax.jit(lambda rng: step_lib.create_train_state(
       config, model, optax.identity(), rng))
@@ -116,12 +128,14 @@ def load_params(config, workdir: str, step: int | None = None,
     config: the run's config (its model.* fields define the network).
     workdir: the training workdir (a local path or a URL, gs://...).
     step: checkpoint step; None = the newest readable.
-    params_key: 'params' (online θ), 'target_params' (EMA ξ) or
-      'discovery_params' (Odin's τ).
+    params_key: 'params' (online θ), 'target_params' (EMA ξ) or 'tau'
+      (Odin's discovery network; 'discovery_params', its older name, is
+      accepted).
   Raises:
     FileNotFoundError: no checkpoint; ValueError: unknown step, a missing or
     empty params_key, or parameters that do not fit the network.
   """
+  params_key = _PARAM_ALIASES.get(params_key, params_key)
   if params_key not in PARAM_KEYS:
     raise ValueError(f"params_key must be one of {PARAM_KEYS}, got "
                      f"{params_key!r}.")
@@ -131,7 +145,7 @@ def load_params(config, workdir: str, step: int | None = None,
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e} Or evaluate --source=random.") from None
   _warn_config_differences(meta, config, directory)
-  params = state.get(params_key)
+  params = params_of(state, params_key)
   if not params:
     raise ValueError(f"The checkpoint at step {step} in {directory} has no "
                      f"{params_key!r} (keys: {sorted(state)}).")
@@ -170,8 +184,9 @@ def default_feature(config, resnet_feature: str | None = None) -> str:
   """
   if config.model.get("backbone", "resnet") == "vit":
     return "tokens"
-  if config.loss.name == "hiergroup":   # the learnt per-pixel embedding F
-    return "embedding"
+  method_feature = methods.method_class(config.method).eval_feature
+  if method_feature:   # hiergroup: the learnt per-pixel embedding F
+    return method_feature
   if config.model.get("fpn_channels", 0):
     return "projection"
   if resnet_feature is None:
@@ -191,8 +206,7 @@ def _feature_fn(config, model_json: str, feature: str, image_hw):
   key = (model_json, feature, image_hw)
   if key in _FEATURE_FNS:
     return _FEATURE_FNS[key]
-  from odin_jax.models import network
-  model = network.from_config(config)
+  model = methods.get(config).network()
 
   def apply(variables, images):
     x = images.astype(jnp.float32) / 255.0
@@ -230,11 +244,11 @@ class FeatureSource:
     self.image_size = image_size
     self.batch_size = int(batch_size)
     self._config = config
-    # What network.from_config builds from: model.*, and the hiergroup head.
+    # What the method's network is built from: model.*, the method, and
+    # the hiergroup head's section.
     self._model_json = json.dumps(
         {k: v for k, v in json.loads(config.to_json()).items()
-         if k in ("model", "hiergroup")} | {"loss": config.loss.name},
-        sort_keys=True)
+         if k in ("model", "hiergroup", "method")}, sort_keys=True)
     # Host copies: the evaluation runs on one device whatever the mesh.
     self._variables = jax.device_get({"params": params,
                                       "batch_stats": batch_stats})

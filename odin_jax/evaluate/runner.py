@@ -16,7 +16,7 @@ and what the training loop calls with its in-memory parameters.
 Sources
   'checkpoint'  the online network θ of the latest (or a chosen) checkpoint
                 in workdir/checkpoints (`features.load_params`; `params_key`
-                picks ξ 'target_params' or Odin's τ 'discovery_params').
+                picks ξ 'target_params' or Odin's τ 'tau').
   'random'      the same network at initialisation (`features.init_params`:
                 exactly the state a training run with config.seed starts
                 from).

@@ -13,9 +13,8 @@ The inverse of the export (writer.py): the same mapping tables
   another run's workdir            its newest readable checkpoint's θ
                                    (`checkpoint.read`; a local path or a
                                    URL, gs://...)
-Which torch names apply follows the config's model.backbone (resnet:
-torchvision; vit / swin: timm). Only the backbone is loaded: projector,
-predictor and FPN keep their initialisation. A checkpoint that does not
+Torch names follow model.backbone (resnet: torchvision; vit / swin: timm).
+Only the backbone is loaded: projector, predictor, FPN keep their init. A checkpoint that does not
 fit the config's network (another depth or width, missing or unexpected
 names, other shapes) stops with ValueError naming the first mismatches,
 in the checkpoint's own names and layout.
@@ -372,10 +371,15 @@ def apply(state, config):
     return state
   flat, _ = load_backbone(path, config,
                           _expected(state.params, state.batch_stats))
-  updates = {"params": _merged(state.params, flat, "params", _like)}
-  for name in ("target_params", "discovery_params"):   # ξ, Odin's τ
-    if getattr(state, name):
-      updates[name] = _merged(getattr(state, name), flat, "params", _like)
+  # θ, ξ and every copy of θ in the method's state (Odin's τ).
+  theta = jax.tree.structure(state.params)
+  load = lambda tree: (_merged(tree, flat, "params", _like)
+                       if tree and jax.tree.structure(tree) == theta else tree)
+  updates = {"params": load(state.params),
+             "target_params": load(state.target_params)}
+  if isinstance(state.method_state, dict):
+    updates["method_state"] = {k: load(v)
+                               for k, v in state.method_state.items()}
   if _expected(state.params, state.batch_stats)["batch_stats"]:
     updates["batch_stats"] = _merged(state.batch_stats, flat, "batch_stats",
                                      _like)

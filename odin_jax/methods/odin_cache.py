@@ -18,7 +18,7 @@ Refresh of period p (τ = θ after p · period steps; p = 0: θ at init):
     -> resized to the spanning-view side (odin.span_scale × image_size),
        like the continuous path's spanning view
     -> g_τ(f_τ(·)) per cell of the stride-4 grid, L2-normalised
-    -> k-means, K = odin.num_clusters (step.make_discover)
+    -> k-means, K = odin.num_clusters (odin.make_discover)
     -> segment ids on the grid, nearest-resized to [H, W], relabelled 0..n-1
     -> a 16-bit PNG in the record, next to the image (JPEG).
 Refreshes are deterministic (the k-means key is a function of the run's rng,
@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from odin_jax import numerics, sharding, step as step_lib
+from odin_jax import numerics, sharding
 from odin_jax.data import masks as masks_lib
 from odin_jax.data import records
 from odin_jax.data.records import writer as records_writer
@@ -49,11 +49,6 @@ from odin_jax.data.records import writer as records_writer
 MASK_KEY = "odin"              # records key of the discovered masks
 _REFRESH_SALT = 0x4F44_494E    # 'ODIN': key stream of the refreshes
 _JPEG_QUALITY = 95
-
-
-def enabled(config) -> bool:
-  """True when Odin trains on cached (periodically refreshed) masks."""
-  return bool(config.odin.enabled and config.odin.get("cached", False))
 
 
 def period_steps(config, num_examples: int) -> int:
@@ -71,14 +66,15 @@ class MaskCache:
   """Refreshes and serves Odin's cached masks for one training run.
 
   source(state) -> a records.RecordSource of the period that state.step is
-  in, refreshing it first (with state.discovery_params) when it is missing.
+  in, refreshing it first (with state.method_state["tau"]) when it is missing.
   """
 
-  def __init__(self, config, workdir: str, model, mesh, base_source):
+  def __init__(self, config, workdir: str, discover, mesh, base_source):
     """Args:
       config: an Odin config with odin.cached=True.
       workdir: the run's workdir (the records go under odin_masks/).
-      model: the ObjectNetwork (network.from_config).
+      discover: odin.make_discover(config, model): (τ, batch_stats, span,
+        key) -> int32 [B, h, w] segments.
       mesh: the training mesh; the refresh batch is sharded over 'data'.
       base_source: the dataset the images come from (sources.make_source).
     """
@@ -92,7 +88,6 @@ class MaskCache:
     self.period = period_steps(config, self.num_examples)
     self.span_size = int(round(config.odin.span_scale * config.image_size))
     self.batch_size = int(config.batch_size)
-    discover = step_lib.make_discover(config, model)
     # τ and the statistics keep the state's layout (replicated, or sharded
     # with sharding.fsdp); the images are split over 'data'.
     self._discover = jax.jit(
@@ -184,7 +179,7 @@ class MaskCache:
             out, shard, num_shards), shard
       rows = slice(h * local, (h + 1) * local)
       span = sharding.to_global(self.mesh, {"span": batch["span"][rows]})
-      segments = self._discover(state.discovery_params, state.batch_stats,
+      segments = self._discover(state.method_state["tau"], state.batch_stats,
                                 span["span"], jax.random.fold_in(period_key, b))
       segments = _host_rows(segments)                       # [local, h, w]
       for i, row in enumerate(range(rows.start, rows.stop)):

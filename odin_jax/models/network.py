@@ -132,11 +132,10 @@ class ObjectNetwork(nn.Module):
 
 
 def from_config(config) -> ObjectNetwork:
-  """Builds the network described by `config.model`."""
+  """Builds the ObjectNetwork described by `config.model` (the network of
+  every method but hierarchical grouping's: methods.get(config).network()
+  gives the one a config trains)."""
   m = config.model
-  if config.loss.name == "hiergroup":   # per-pixel embedding, no projector
-    from odin_jax.models import hypercolumn  # pylint: disable=g-import-not-at-top
-    return hypercolumn.from_config(config)
   return ObjectNetwork(
       depth=m.depth, width=m.width, projector_hidden=m.projector_hidden,
       projector_dim=m.projector_dim, predictor_hidden=m.predictor_hidden,
@@ -165,3 +164,20 @@ def transformer_fields(config) -> dict:
   else:
     return {}
   return {"backbone_kind": kind, "backbone_options": tuple(options.items())}
+
+
+def feature_grid(config, image_size: int | None = None) -> tuple[int, int]:
+  """Side of the hidden map h (7x7 for R50 stage4 at 224, 56x56 for 'p2',
+  S/p for ViT tokens, e.g. 28x28 for B/8 at 224)."""
+  stage = config.model.feature_stage
+  size = image_size or config.image_size
+  backbone = config.model.get("backbone", "resnet")
+  if backbone == "vit":      # 'tokens': one cell per patch
+    return (vit.token_grid(size, config.model.vit.patch_size),) * 2
+  stage = fpn_lib.LEVEL_STAGE.get(stage, stage)
+  if backbone == "swin":
+    side = swin.stage_grid(size, stage, config.model.swin.patch_size)
+  else:
+    side = resnet.stage_grid(size, stage,
+                             config.model.get("output_stride", 32))
+  return side, side

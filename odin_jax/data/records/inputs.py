@@ -1,10 +1,10 @@
 """Precompute inputs: a folder of images or a TFDS split, read one by one.
 
 `make_inputs('folder:/path' | 'tfds:NAME[:SPLIT]')` lists the inputs
-(`locators`: sorted relative paths / TFDS indices) with data/sources.py, the
-one home of image listing and TFDS opening, and gives a picklable
-`loader()` whose `load(locator) -> examples.RawExample` runs in the worker
-processes (which import neither TensorFlow nor JAX).
+(`locators`: sorted relative paths / TFDS indices) with data/sources.py and
+data/tfds_source.py, the homes of image listing and TFDS opening, and gives
+a picklable `loader()` whose `load(locator) -> examples.RawExample` runs in
+the worker processes (which import neither TensorFlow nor JAX).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ class TfdsLoader:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     if self._source is None:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      from odin_jax.data import sources  # pylint: disable=g-import-not-at-top
+      from odin_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
       skip = {k: tfds.decode.SkipDecoding() for k in
               (self.keys["image"], self.keys["gt"]) if k}
-      _, self._source = sources.open_tfds(self.name, self.split,
-                                          self.data_dir, decoders=skip)
+      _, self._source = tfds_source.open_tfds(self.name, self.split,
+                                              self.data_dir, decoders=skip)
     k = self.keys
     ex = self._source[int(index)]
     ident = ex[k["id"]] if k["id"] else f"{self.name}/{self.split}/{index}"
@@ -92,10 +92,10 @@ class TfdsInputs:
   """A prepared TFDS split (ArrayRecord format) addressed by example index."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
-    from odin_jax.data import sources  # pylint: disable=g-import-not-at-top
-    builder = sources.tfds_builder(name, data_dir)
+    from odin_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    builder = tfds_source.tfds_builder(name, data_dir)
     feats = builder.info.features
-    keys = dict(sources.tfds_keys(feats),
+    keys = dict(tfds_source.tfds_keys(feats),
                 gt="panoptic_image" if "panoptic_image" in feats else None)
     self._loader = TfdsLoader(name, split, data_dir, keys)
     n = builder.info.splits[split].num_examples

@@ -1,8 +1,8 @@
-"""Pixel-level contrastive learning from region trees (Zhang & Maire 2020).
+"""Hierarchical grouping's pixel sampling and loss (Zhang & Maire 2020).
 
-The fourth objective of the shared train step (config.loss.name =
-'hiergroup'). Each image comes with a region tree (data/hierarchy.py): a
-leaf-region id map, carried through each view's crop and flip like any mask
+The method (methods/hiergroup.py) calls `batch_loss` from its forward_loss.
+Each image comes with a region tree (data/hierarchy.py): a leaf-region id
+map, carried through each view's crop and flip like any mask
 (batch 'mask1', 'mask2'), and the tree distances d_T between its leaves
 (batch 'hierarchy' [B, L, L], L = 40). Everything below runs on device, in
 the jitted step, from the step's PRNG key; per image and with no
@@ -64,7 +64,6 @@ from odin_jax.models import resnet
 from odin_jax.numerics import MASKED as _MASKED  # a finite -inf
 from odin_jax.numerics import l2_normalize
 
-LOSS_NAME = "hiergroup"
 # hiergroup.objective: 'log_likelihood' (-log p at T = loss.temperature, the
 # default) or 'paper' (eq. 1: maximise Σ p at T = 1).
 OBJECTIVES = ("log_likelihood", "paper")
@@ -365,43 +364,3 @@ def batch_loss(key, emb1, emb2, cells1, cells2, distances, hg,
       gather(ref["anchor_cells"]), both_views(gather(ref["pos_cells"])),
       negatives, ref["anchor_valid"], both_views(ref["pos_valid"]), neg_valid,
       temperature, objective)
-
-
-def make_forward_loss(config, model):
-  """The step's forward_loss for hiergroup (same signature and aux).
-
-  forward_loss(params, batch_stats, target_params, batch, key) ->
-  (loss, (batch_stats, segments_per_view)); target_params is unused (the
-  method has no target network). Batch: view1/2 [B, S, S, 3], mask1/2
-  [B, S, S] leaf ids, hierarchy [B, L, L].
-  """
-  grid = embedding_grid(config)
-  hg = config.hiergroup
-  objective = hg.get("objective", "log_likelihood")
-  # Eq. 1 has no temperature: 'paper' is T = 1 whatever loss.temperature.
-  temperature = 1.0 if objective == "paper" else float(
-      config.loss.temperature)
-
-  def forward_loss(params, batch_stats, target_params, batch, key):
-    del target_params
-    if "hierarchy" not in batch:
-      raise ValueError("loss.name='hiergroup' needs the region tree "
-                       "distances in the batch ('hierarchy'): set "
-                       "masks.method='hierarchy'.")
-
-    def embed(stats, view):
-      return model.apply({"params": params, "batch_stats": stats}, view,
-                         train=True, method=model.embedding,
-                         mutable=["batch_stats"])
-
-    emb1, upd = embed(batch_stats, batch["view1"])
-    emb2, upd = embed(upd["batch_stats"], batch["view2"])
-    cells1 = objects.downsample_segments(batch["mask1"], grid)
-    cells2 = objects.downsample_segments(batch["mask2"], grid)
-    loss = batch_loss(key, emb1, emb2, cells1, cells2, batch["hierarchy"],
-                      hg, temperature, objective)
-    segments = 0.5 * (jnp.mean(objects.unique_ids(cells1)[1]) +
-                      jnp.mean(objects.unique_ids(cells2)[1]))
-    return loss, (upd["batch_stats"], segments.astype(jnp.float32))
-
-  return forward_loss
