@@ -4,6 +4,7 @@ r"""The README's TPU table: every paper preset compiled for real slices by
   python bench/aot_table.py                 # compile what is not cached yet
   python bench/aot_table.py --only=detcon_b_v4-64,byol_v4-64
   python bench/aot_table.py --render        # print the markdown table only
+  python bench/aot_table.py --smoke         # DetCon-B `:test` on v4-8 only
 
 Each job is one `python -m odin_jax.aot` subprocess; its JSON is cached in
 bench/results/aot/<job>.json (delete a file to recompile it). A ResNet-50
@@ -87,6 +88,11 @@ ANALYTIC_GFLOPS = {
     "Odin cached": 2 * 4 * R50_FWD_GFLOPS,
 }
 PAPER_DETCON_OVER_BYOL = 1.116
+# --smoke: the tiny `:test` step on the smallest v4 slice (about a minute of
+# CPU), through the same job machinery; its JSON goes to RESULTS like the
+# others (set ODIN_JAX_AOT_RESULTS to keep it out of bench/results/aot).
+SMOKE_JOB = Job("smoke_detcon_b_test_v4-8", "configs/detcon_b.py:test",
+                "v4-8", label="DetCon-B :test")
 
 
 def job_path(job: Job) -> str:
@@ -191,6 +197,9 @@ def main(argv=None) -> int:
   p.add_argument("--render", action="store_true",
                  help="print the table from the cached JSON only")
   p.add_argument("--list", action="store_true", help="list the job names")
+  p.add_argument("--smoke", action="store_true",
+                 help="compile (unless cached) and render only the tiny "
+                 "`:test` job (CPU smoke test)")
   p.add_argument("--colour_share", action="store_true",
                  help="compile the on-device colour augmentation alone for "
                  "DetCon-B's v4-64 job and print its share of the step")
@@ -202,7 +211,9 @@ def main(argv=None) -> int:
     print(colour_share(JOBS[0]))
     return 0
   jobs = JOBS
-  if args.only:
+  if args.smoke:
+    jobs = (SMOKE_JOB,)
+  elif args.only:
     wanted = args.only.split(",")
     unknown = sorted(set(wanted) - {j.name for j in JOBS})
     if unknown:
@@ -214,8 +225,9 @@ def main(argv=None) -> int:
       if os.path.exists(job_path(job)):
         print(f"[aot_table] {job.name}: cached", flush=True)
         continue
-      run_job(job)
-  print(render())
+      if run_job(job) and args.smoke:
+        return 1
+  print(render((SMOKE_JOB,) if args.smoke else JOBS))
   return 0
 
 
