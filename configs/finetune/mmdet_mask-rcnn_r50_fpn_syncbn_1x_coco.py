@@ -6,7 +6,7 @@
 # torchvision writes WORKDIR/export/step_<N>/torchvision.pth; mmdet's
 # ResNet, style='pytorch', has torchvision's key names, so the file loads
 # into the backbone as is). docs/finetune.md has the command;
-# tests/test_finetune_configs.py checks this file against the export.
+# tests/unit/test_finetune_configs.py checks this file against the export.
 #
 # The bases are named through the installed mmdet package ('mmdet::'), so
 # this file works from anywhere (mmengine >= 0.7).

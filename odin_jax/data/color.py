@@ -26,7 +26,7 @@ config.augment): colour jitter (additive brightness, contrast, saturation,
 hue, in a random order, each clipped to [0, 1]) with probability p_jitter,
 grayscale, Gaussian blur (zero padding, a kernel of ~S/10), solarisation.
 Each op is a pure function of (image float [S, S, 3], parameter), checked
-against NumPy/scikit-image in tests/test_color.py.
+against NumPy/scikit-image in tests/unit/test_color.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ check:
   - bench/input_pipeline.py runs it after the new host pipeline to measure
     what moving the colour work off the host gained, in the same run
     (host_color_views reproduces the old path's draws for each seed);
-  - tests/test_color.py checks the device ops against it, a second
+  - tests/unit/test_color.py checks the device ops against it, a second
     implementation beside the NumPy / scikit-image references.
 
 Every op is a pure function (image float [S, S, 3], parameter) -> image and

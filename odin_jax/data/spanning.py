@@ -90,7 +90,7 @@ def view_geometry(seed, height, width, config):
 
   Mirrors the seed tree of augment.two_views / augment.one_view:
   seed -> split 2 (one per view) -> split 2 (geometry, colour) -> geometry
-  seed -> augment.sample_geometry. tests/test_spanning.py checks that the
+  seed -> augment.sample_geometry. tests/methods/test_spanning.py checks that the
   boxes and flips returned here reproduce two_views' masks exactly, so a
   change to augment's seed tree cannot go unnoticed.
 

@@ -14,7 +14,7 @@ config.method names, bound to the config; the train step, train.py, the
 input pipeline and the AOT tool call its hooks and never name a method.
 Adding a method is one module, one config file (configs/<method>.py, which
 also holds the defaults of the method's config section) and one line in
-_MODULES (or `register(cls)` at run time, as tests/test_methods.py does).
+_MODULES (or `register(cls)` at run time, as tests/methods/test_methods.py does).
 
 This file imports no method module (nor JAX) until a method is asked for:
 config files and the command line's early checks stay framework-free.

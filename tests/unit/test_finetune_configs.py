@@ -27,7 +27,8 @@ from odin_jax.export import convert
 from odin_jax.export import writer
 from odin_jax.models import resnet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 FINETUNE = os.path.join(REPO, "configs", "finetune")
 D2_CONFIG = os.path.join(FINETUNE, "detectron2_mask_rcnn_R_50_FPN_1x_syncbn.yaml")
 MMDET_CONFIG = os.path.join(FINETUNE, "mmdet_mask-rcnn_r50_fpn_syncbn_1x_coco.py")

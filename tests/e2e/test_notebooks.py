@@ -22,7 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 import pytest
 
-NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ("01_detcon_quickstart", "02_odin_object_discovery",
             "03_use_a_pretrained_backbone")

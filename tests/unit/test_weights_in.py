@@ -1,7 +1,7 @@
 """Weights in (odin_jax/export/weights_in.py), without torch.
 
 Files with torchvision / timm names are written here from the export's own
-converters and safetensors.numpy; tests/test_weights_in_torch.py checks the
+converters and safetensors.numpy; tests/unit/test_weights_in_torch.py checks the
 same tables against real torchvision and timm models.
 """
 

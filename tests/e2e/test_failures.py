@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from odin_jax import failure
-from tests import test_multihost
+from tests.e2e import test_multihost
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 HANG_TIMEOUT_S = 600
 
 

@@ -27,7 +27,8 @@ import pytest
 from configs import detcon_b
 from odin_jax import checkpoint, reporting, runtime, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 STEPS = 6
 RESUME_AT = 2      # the reference checkpoint the 2-process run starts from
 # A launch takes 1-4 minutes on 2 loaded cores (imports, tf.data tracing,

@@ -34,7 +34,8 @@ from orbax.checkpoint._src.path import gcs_utils
 
 from odin_jax import checkpoint
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 # --- A gs:// bucket in a local folder --------------------------------------

@@ -201,7 +201,7 @@ def test_train_view_is_a_pure_function_of_its_seed():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A :test DetCon-B checkpoint at step 2 (the initial state, online θ
-  perturbed: tests/test_evaluate.py's recipe, without its optimizer)."""
+  perturbed: tests/e2e/test_evaluate.py's recipe, without its optimizer)."""
   config = detcon_b.get_config("test")
   params, batch_stats = features.init_params(config)
   params = helpers.perturbed(params)

@@ -345,7 +345,7 @@ def test_clear_errors(trained, tmp_path):
 
 
 def test_transformer_backbones_export_timm_only():
-  # Table-driven (convert.py); tests/test_weights_in.py checks that it
+  # Table-driven (convert.py); tests/unit/test_weights_in.py checks that it
   # writes what vit / swin.timm_state_dict document.
   for name in ("vit", "swin"):
     assert writer.timm_converter(name).args == (name,)

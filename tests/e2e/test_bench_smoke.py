@@ -7,7 +7,7 @@ root as cwd) in a subprocess that inherits conftest.py's environment (CPU,
 not call runtime.setup). The smallest sizes are the `:test` networks, a
 batch of 8, one or two steps, a handful of images. Each must exit 0 and
 print its result lines. bench/accelerator.py has its own, stricter test
-(tests/test_bench_accelerator.py); test_every_script_is_covered keeps the
+(tests/e2e/test_bench_accelerator.py); test_every_script_is_covered keeps the
 two lists complete when a script is added.
 
 The timeouts only detect a hang: cold (an empty XLA cache) on 2 loaded
@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 HANG_S = 1200
 
@@ -83,7 +83,7 @@ CASES = {
          r"DetCon-B ÷ BYOL FLOPs per image on v4-64: [\d.]+"]),
 }
 # Scripts whose smoke test lives elsewhere: script -> that test file.
-COVERED_ELSEWHERE = {"accelerator.py": "tests/test_bench_accelerator.py"}
+COVERED_ELSEWHERE = {"accelerator.py": "tests/e2e/test_bench_accelerator.py"}
 
 
 def bench_env(**extra) -> dict:
@@ -124,7 +124,7 @@ def test_script_runs_at_its_smallest_size(script, tmp_path):
 def test_aot_table_compiles_a_tiny_job_through_its_machinery(tmp_path):
   # The TPU compiler (libtpu) reads XLA_FLAGS too and knows no XLA:CPU
   # flags; the slice's devices are libtpu's, not simulated CPUs (as in
-  # tests/test_aot.py).
+  # tests/e2e/test_aot.py).
   env = bench_env(ODIN_JAX_AOT_RESULTS=str(tmp_path))
   env.pop("XLA_FLAGS", None)
   done = run_script("aot_table.py", ["--smoke"], env=env)

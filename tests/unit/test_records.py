@@ -23,7 +23,7 @@ from odin_jax.data.records import examples
 from odin_jax.data.records import inputs
 from odin_jax.data.records import writer
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The PIL format that writes each listed extension (lossless where it can).
 _WRITE_AS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
              ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",

@@ -18,7 +18,8 @@ import pytest
 from configs import detcon_b
 from odin_jax import aot, hlo_stats, sharding, step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 GiB = 2**30
 
 

@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 ROWS = ("detcon_b", "detcon_b_records", "byol", "kmeans", "odin",
         "odin_cached")
 

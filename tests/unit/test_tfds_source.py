@@ -32,7 +32,7 @@ from tests.helpers import FH, REPO
 
 # The dataset (helpers.OdinTestPhotos) and its data_dir (conftest.py's
 # session fixture `photos_data_dir`, read-only here) are shared with
-# tests/test_bad_examples.py.
+# tests/e2e/test_bad_examples.py.
 NAME = helpers.PHOTOS_NAME
 PHOTOS = helpers.photos()   # name: (RGB, label)
 

@@ -209,7 +209,7 @@ def test_timm_swin_t_round_trip(tmp_path):
 
 def test_versions_are_the_documented_ones():
   """docs/export.md names the versions these checks ran with."""
-  docs = os.path.join(os.path.dirname(__file__), "..", "docs", "export.md")
+  docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export.md")
   with open(docs, encoding="utf-8") as f:
     text = f.read()
   for module in (torch, torchvision, timm):

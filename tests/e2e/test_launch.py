@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ("tpu_vm.sh", "slurm.sbatch", "slurm_submit.sh", "lib.sh")
 

@@ -19,7 +19,8 @@ import pytest
 from configs import common
 from odin_jax import config_check, reporting
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 FRAMEWORKS = {"jax", "jaxlib", "flax", "tensorflow"}
 HANG_TIMEOUT_S = 120   # only detects a hang; the real run is < 2 s
 
