@@ -327,7 +327,8 @@ def test_kill9_during_async_save_is_never_taken(tmp_path, gcs):
   commit_success.txt), so readers take step 2 without a warning."""
   marker = tmp_path / "finalizing"
   workdir = "gs://bucket/run" if gcs else str(tmp_path / "run")
-  script = _KILLED_SAVE.format(repo=_REPO, tests=os.path.join(_REPO, "tests"),
+  here = os.path.dirname(os.path.abspath(__file__))   # test_checkpoints.py
+  script = _KILLED_SAVE.format(repo=_REPO, tests=here,
                                marker=str(marker), root=str(tmp_path),
                                gcs=gcs, workdir=workdir)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
