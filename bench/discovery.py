@@ -257,8 +257,8 @@ def _discovery_runners(config) -> dict:
   batch statistics, as in the step) and 'odin k-means' (on those
   projections, L2-normalised)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from odin_jax.methods import odin as odin_method  # pylint: disable=g-import-not-at-top
-  model = odin_method.Odin(config).network()
+  from odin_jax import methods  # pylint: disable=g-import-not-at-top
+  model = methods.get(config).network()
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))
@@ -307,8 +307,9 @@ def kmeans_flops(batch: int, points: int, dim: int, clusters: int,
 def _refresh_seconds_per_image(config, batch: int, repeats: int = 5) -> float:
   """Time of the refresh's device part (τ forward at span size + k-means)."""
   from odin_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from odin_jax import methods  # pylint: disable=g-import-not-at-top
   from odin_jax.methods import odin as odin_method  # pylint: disable=g-import-not-at-top
-  model = odin_method.Odin(config).network()
+  model = methods.get(config).network()
   tx = step_lib.make_optimizer(config, lambda count: 0.0)
   state = step_lib.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   side = int(round(config.odin.span_scale * config.image_size))

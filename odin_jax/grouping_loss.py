@@ -59,7 +59,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from odin_jax import objects
 from odin_jax.models import resnet
 from odin_jax.numerics import MASKED as _MASKED  # a finite -inf
 from odin_jax.numerics import l2_normalize

@@ -15,7 +15,6 @@ import threading
 import time
 
 import jax
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from odin_jax import config_check, rng
+from odin_jax import config_check, methods, rng
 from odin_jax.data import color
 from odin_jax.models import network as network_lib
 
@@ -90,13 +90,23 @@ class Method:
   # --- Config and data (no arrays) ---------------------------------------
 
   def validate(self) -> None:
-    """Raises config_check.ConfigError naming a bad field of the method."""
+    """Raises config_check.ConfigError naming a bad field of the method.
+
+    Here: the method's own section is there, and no other method's is (its
+    settings would be silently ignored).
+    """
+    c = self.config
     if self.section is not None:
       config_check.require(
-          self.section in self.config,
-          f"config.method={self.config.method!r} needs the config."
-          f"{self.section} section: start from configs/"
-          f"{self.config.method}.py.")
+          self.section in c, f"config.method={c.method!r} needs the config."
+          f"{self.section} section: start from configs/{c.method}.py.")
+    for owner in methods.names():
+      section = methods.method_class(owner).section
+      config_check.require(
+          section in (None, self.section) or section not in c,
+          f"config.method={c.method!r} with a config.{section} section: "
+          f"the {section} settings would be ignored. Train {owner} with "
+          f"--config=configs/{owner}.py, or drop the section.")
 
   def span_view(self) -> SpanView | None:
     """The spanning view the pipeline must ship, or None."""

@@ -41,12 +41,6 @@ class DetCon(base.Method):
     require(c.loss.name in config_check.LOSS_NAMES,
             f"config.method={c.method!r} trains with one of the mask losses "
             f"{config_check.LOSS_NAMES}, not loss.name={c.loss.name!r}.")
-    for section, owner in (("odin", "odin"), ("r2o", "r2o"),
-                           ("hiergroup", "hiergroup")):
-      require(section not in c or c.method == owner,
-              f"config.method={c.method!r} with a config.{section} section: "
-              f"the {section} settings would be ignored. Train {owner} with "
-              f"--config=configs/{owner}.py, or drop the section.")
 
   def make_forward_loss(self, model, mesh):
     """The contrastive forward_loss (module docstring), for the step."""

@@ -91,6 +91,11 @@ def test_method_specific_checks_come_from_the_method():
   config.loss.name = "contrastive_detection"
   with pytest.raises(config_check.ConfigError, match="its own pixel loss"):
     config_check.validate(config)
+  # Another method's section is refused by every method, not only DetCon.
+  config = hiergroup.get_config("test")
+  config.r2o = ml_collections.ConfigDict({"k_start": 8})
+  with pytest.raises(config_check.ConfigError, match="Train r2o with"):
+    config_check.validate(config)
   config = toy_config()
   config.toy.levels = 1
   with pytest.raises(config_check.ConfigError, match="toy.levels"):

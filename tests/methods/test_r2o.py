@@ -9,8 +9,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import r2o
-from odin_jax import (config_check, methods, objects, reporting, sharding,
-                      step, train)
+from odin_jax import (config_check, methods, objects, reporting, step,
+                      train)
 from odin_jax.data import pipeline, sources, spanning
 from odin_jax import span_mapping as mapping
 from odin_jax.methods import r2o as r2o_method

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import byol, detcon_b, detcon_s
-from odin_jax import objects, rng, sharding, step
+from odin_jax import objects, rng, step
 from odin_jax.models import network
 from tests import helpers
 
