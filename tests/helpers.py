@@ -216,6 +216,19 @@ def central_square(array, size):
   return crop[np.ix_(idx, idx)]
 
 
+def default_optimisation_env() -> dict:
+  """This process's environment without conftest.FAST_COMPILE_FLAGS: for a
+  subprocess whose numbers must match ones recorded at XLA's default
+  optimisation level."""
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "")
+  for flag in conftest.FAST_COMPILE_FLAGS.split():
+    flags = flags.replace(flag, "")
+  env["XLA_FLAGS"] = " ".join(flags.split())
+  return env
+
+
 def run_eval_cli(workdir, evals: str, sets: dict):
   """`python -m odin_jax.evaluate` on the :test network at random init with
   --set=KEY=VALUE for each of `sets`; returns (process, results JSON)."""
