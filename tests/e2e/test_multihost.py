@@ -26,6 +26,7 @@ import pytest
 
 from configs import detcon_b
 from odin_jax import checkpoint, reporting, runtime, train
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -68,11 +69,12 @@ def _env(process_id: int, port: int) -> dict:
       JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
       # Replaces conftest's 4 devices: 2 per process, 4 in the mesh. No
       # persistent cache for CPU processes (runtime.setup says why), so every
-      # launch compiles: at -O0 that is several times faster (its numbers
-      # differ from -O2's by ~1e-7, far below the tolerance below).
+      # launch compiles: with conftest's fast-compile flags, as the in-process
+      # reference does (numbers within ~1e-7 of -O2's, far below the
+      # tolerance below).
       XLA_FLAGS="--xla_force_host_platform_device_count=2 "
                 "--xla_cpu_collective_call_terminate_timeout_seconds=60 "
-                "--xla_backend_optimization_level=0",
+                + conftest.FAST_COMPILE_FLAGS,
       ODIN_JAX_COORDINATOR=f"127.0.0.1:{port}", ODIN_JAX_NUM_PROCESSES="2",
       ODIN_JAX_PROCESS_ID=str(process_id), ODIN_JAX_INIT_TIMEOUT="120")
   return env
